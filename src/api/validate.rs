@@ -1,0 +1,229 @@
+//! Request validation. Every rejection names the field and the rule it
+//! broke, and never echoes a secret value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::model::Environment;
+use crate::pb;
+use crate::secret::SecretString;
+use crate::verify;
+
+/// Longest accepted value of any string field, in bytes.
+pub const MAX_FIELD_BYTES: usize = 4096;
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_KEY_BYTES: usize = 63;
+pub const DEFAULT_MIN_VALID_FOR: Duration = Duration::from_secs(60);
+/// Longest `min_valid_for` accepted; ServiceTitan tokens live 900 seconds.
+const MAX_MIN_VALID_FOR: Duration = Duration::from_secs(3600);
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Returns an `INVALID_ARGUMENT` status naming `field`, with a `BadRequest`
+/// detail a client can read.
+pub fn invalid(field: &str, description: impl Into<String>) -> Status {
+    let description = description.into();
+    let message = format!("{field}: {description}");
+    let details = ErrorDetails::with_bad_request_violation(field, description);
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+pub fn environment(field: &str, value: i32) -> Result<Environment, Status> {
+    match pb::Environment::try_from(value) {
+        Ok(pb::Environment::Production) => Ok(Environment::Production),
+        Ok(pb::Environment::Integration) => Ok(Environment::Integration),
+        _ => Err(invalid(
+            field,
+            "must be ENVIRONMENT_PRODUCTION or ENVIRONMENT_INTEGRATION",
+        )),
+    }
+}
+
+pub fn tenant_id(field: &str, value: i64) -> Result<i64, Status> {
+    if value <= 0 {
+        return Err(invalid(
+            field,
+            "must be a positive ServiceTitan tenant id, as shown in the Developer Portal's App Connections",
+        ));
+    }
+    Ok(value)
+}
+
+pub fn connection_id(field: &str, value: &str) -> Result<String, Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    match uuid::Uuid::try_parse(value) {
+        Ok(id) => Ok(id.hyphenated().to_string()),
+        Err(_) => Err(invalid(
+            field,
+            "is not a connection id (expected a UUID as returned by RegisterConnection)",
+        )),
+    }
+}
+
+/// Validates a plain credential field such as the client id.
+pub fn credential(field: &str, value: &str) -> Result<String, Status> {
+    check_credential_text(field, value)?;
+    Ok(value.to_owned())
+}
+
+/// Validates a secret credential field; the message never includes it.
+pub fn secret(field: &str, value: String) -> Result<SecretString, Status> {
+    let value = SecretString::new(value);
+    check_credential_text(field, value.expose())?;
+    Ok(value)
+}
+
+fn check_credential_text(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    if value.len() > MAX_FIELD_BYTES {
+        return Err(invalid(
+            field,
+            format!("is longer than {MAX_FIELD_BYTES} bytes"),
+        ));
+    }
+    if value.trim() != value {
+        return Err(invalid(
+            field,
+            "has leading or trailing whitespace; paste the value exactly as the Developer Portal shows it",
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "contains control characters"));
+    }
+    Ok(())
+}
+
+pub fn display_name(value: &str) -> Result<String, Status> {
+    if value.len() > MAX_FIELD_BYTES {
+        return Err(invalid(
+            "display_name",
+            format!("is longer than {MAX_FIELD_BYTES} bytes"),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid("display_name", "contains control characters"));
+    }
+    Ok(value.to_owned())
+}
+
+pub fn labels(value: HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
+    if value.len() > MAX_LABELS {
+        return Err(invalid(
+            "labels",
+            format!("has more than {MAX_LABELS} entries"),
+        ));
+    }
+    for (key, label) in &value {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_LABEL_KEY_BYTES
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
+        if !key_ok {
+            return Err(invalid(
+                "labels",
+                format!(
+                    "key {key:?} must be 1 to {MAX_LABEL_KEY_BYTES} characters of letters, digits, '_', '-', '.' or '/'"
+                ),
+            ));
+        }
+        if label.len() > MAX_FIELD_BYTES || label.chars().any(char::is_control) {
+            return Err(invalid(
+                "labels",
+                format!(
+                    "value of {key:?} must be at most {MAX_FIELD_BYTES} bytes without control characters"
+                ),
+            ));
+        }
+    }
+    Ok(value.into_iter().collect())
+}
+
+pub fn scope_groups(field: &str, values: Vec<String>) -> Result<Vec<String>, Status> {
+    let mut groups: Vec<String> = Vec::new();
+    for value in values {
+        if verify::scope_group(&value).is_none() {
+            let known: Vec<&str> = verify::SCOPE_GROUPS.iter().map(|g| g.key).collect();
+            let shown: String = value.chars().take(64).collect();
+            return Err(invalid(
+                field,
+                format!(
+                    "unknown scope group {shown:?}; known groups: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        if !groups.contains(&value) {
+            groups.push(value);
+        }
+    }
+    Ok(groups)
+}
+
+pub fn min_valid_for(value: Option<prost_types::Duration>) -> Result<Duration, Status> {
+    let Some(value) = value else {
+        return Ok(DEFAULT_MIN_VALID_FOR);
+    };
+    if value.seconds < 0 || value.nanos < 0 {
+        return Err(invalid("min_valid_for", "must not be negative"));
+    }
+    let duration = Duration::new(
+        value.seconds as u64,
+        value.nanos.clamp(0, 999_999_999) as u32,
+    );
+    if duration > MAX_MIN_VALID_FOR {
+        return Err(invalid(
+            "min_valid_for",
+            format!(
+                "must be at most {}s; ServiceTitan tokens live 900s",
+                MAX_MIN_VALID_FOR.as_secs()
+            ),
+        ));
+    }
+    Ok(duration)
+}
+
+pub fn page_size(value: i32) -> Result<usize, Status> {
+    match value {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        1.. if value as usize <= MAX_PAGE_SIZE => Ok(value as usize),
+        _ => Err(invalid(
+            "page_size",
+            format!("must be between 0 and {MAX_PAGE_SIZE}"),
+        )),
+    }
+}
+
+/// Page tokens are the last connection id of the previous page, base64url.
+pub fn page_token(value: &str) -> Result<Option<String>, Status> {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let decoded = URL_SAFE_NO_PAD
+        .decode(value)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .filter(|id| uuid::Uuid::try_parse(id).is_ok());
+    match decoded {
+        Some(id) => Ok(Some(id)),
+        None => Err(invalid(
+            "page_token",
+            "is not a token returned by ListConnections; start again without it",
+        )),
+    }
+}
+
+pub fn encode_page_token(last_id: &str) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    URL_SAFE_NO_PAD.encode(last_id)
+}

@@ -1,0 +1,196 @@
+//! Settings of `stvault serve`, from flags or `STVAULT_*` environment
+//! variables. Secrets come from a file or the environment, never a flag.
+//! Every problem is collected and reported together before anything starts.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::broker::BrokerSettings;
+use crate::servicetitan::{self, ClientConfig, Endpoints};
+
+pub const ENV_MASTER_KEY: &str = "STVAULT_MASTER_KEY";
+pub const DEFAULT_KEY_FILE_NAME: &str = "master.key";
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the gRPC listener. Plaintext gRPC is accepted only on a
+    /// loopback address.
+    #[arg(long, env = "STVAULT_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+
+    /// Directory of the embedded database (created if missing, mode 0700).
+    #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
+    pub data_dir: PathBuf,
+
+    /// File holding the base64 master key (32 bytes); it must not be readable
+    /// by group or others. STVAULT_MASTER_KEY may hold the key instead.
+    #[arg(long, env = "STVAULT_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// Token endpoint for production credentials.
+    #[arg(long, env = "STVAULT_PRODUCTION_TOKEN_URL", default_value = servicetitan::PRODUCTION_TOKEN_URL)]
+    pub production_token_url: String,
+
+    /// API base URL for production.
+    #[arg(long, env = "STVAULT_PRODUCTION_API_URL", default_value = servicetitan::PRODUCTION_API_URL)]
+    pub production_api_url: String,
+
+    /// Token endpoint for integration (sandbox) credentials.
+    #[arg(long, env = "STVAULT_INTEGRATION_TOKEN_URL", default_value = servicetitan::INTEGRATION_TOKEN_URL)]
+    pub integration_token_url: String,
+
+    /// API base URL for integration (sandbox).
+    #[arg(long, env = "STVAULT_INTEGRATION_API_URL", default_value = servicetitan::INTEGRATION_API_URL)]
+    pub integration_api_url: String,
+
+    /// Timeout for connecting to ServiceTitan, such as "5s" or "500ms".
+    #[arg(long, env = "STVAULT_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s")]
+    pub upstream_connect_timeout: String,
+
+    /// Timeout for a whole request to ServiceTitan, such as "10s".
+    #[arg(long, env = "STVAULT_UPSTREAM_TIMEOUT", default_value = "10s")]
+    pub upstream_timeout: String,
+
+    /// How long a failed token request is answered from memory before the
+    /// next call tries ServiceTitan again (429 answers use their Retry-After).
+    #[arg(long, env = "STVAULT_TOKEN_FAILURE_COOLDOWN", default_value = "2s")]
+    pub token_failure_cooldown: String,
+}
+
+/// Where the master key comes from.
+pub enum MasterKeySource {
+    File(PathBuf),
+    Environment(crate::secret::SecretString),
+    /// The embedded default: a key file in the data directory, generated on
+    /// first start.
+    DataDir(PathBuf),
+}
+
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub master_key: MasterKeySource,
+    pub client: ClientConfig,
+    pub broker: BrokerSettings,
+}
+
+impl Config {
+    /// Validates the arguments, returning every problem found.
+    pub fn from_args(args: ServeArgs) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+
+        let listen = match args.listen.parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(addr) => {
+                errors.push(format!(
+                    "STVAULT_LISTEN: {addr} is not a loopback address; plaintext gRPC would expose \
+                     credentials and tokens on the network, so listen on 127.0.0.1 or ::1"
+                ));
+                None
+            }
+            Err(_) => {
+                errors.push(
+                    "STVAULT_LISTEN: expected an address and port such as 127.0.0.1:50051".into(),
+                );
+                None
+            }
+        };
+
+        let env_key = std::env::var(ENV_MASTER_KEY).ok().filter(|v| !v.is_empty());
+        let master_key = match (args.master_key_file, env_key) {
+            (Some(_), Some(_)) => {
+                errors.push(format!(
+                    "STVAULT_MASTER_KEY_FILE and {ENV_MASTER_KEY} are both set; set only one"
+                ));
+                None
+            }
+            (Some(path), None) => Some(MasterKeySource::File(path)),
+            (None, Some(text)) => Some(MasterKeySource::Environment(text.into())),
+            (None, None) => Some(MasterKeySource::DataDir(
+                args.data_dir.join(DEFAULT_KEY_FILE_NAME),
+            )),
+        };
+
+        let mut url =
+            |setting: &str, value: &str| match servicetitan::parse_endpoint(setting, value) {
+                Ok(url) => Some(url),
+                Err(message) => {
+                    errors.push(message);
+                    None
+                }
+            };
+        let production_token = url("STVAULT_PRODUCTION_TOKEN_URL", &args.production_token_url);
+        let production_api = url("STVAULT_PRODUCTION_API_URL", &args.production_api_url);
+        let integration_token = url("STVAULT_INTEGRATION_TOKEN_URL", &args.integration_token_url);
+        let integration_api = url("STVAULT_INTEGRATION_API_URL", &args.integration_api_url);
+
+        let mut duration = |setting: &str, value: &str| match parse_duration(value) {
+            Ok(d) => Some(d),
+            Err(message) => {
+                errors.push(format!("{setting}: {message}"));
+                None
+            }
+        };
+        let connect_timeout = duration(
+            "STVAULT_UPSTREAM_CONNECT_TIMEOUT",
+            &args.upstream_connect_timeout,
+        );
+        let request_timeout = duration("STVAULT_UPSTREAM_TIMEOUT", &args.upstream_timeout);
+        let cooldown = duration(
+            "STVAULT_TOKEN_FAILURE_COOLDOWN",
+            &args.token_failure_cooldown,
+        );
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let unwrap = "checked: errors is empty only when every setting parsed";
+        Ok(Config {
+            listen: listen.expect(unwrap),
+            data_dir: args.data_dir,
+            master_key: master_key.expect(unwrap),
+            client: ClientConfig {
+                production: Endpoints {
+                    token_url: production_token.expect(unwrap),
+                    api_url: production_api.expect(unwrap),
+                },
+                integration: Endpoints {
+                    token_url: integration_token.expect(unwrap),
+                    api_url: integration_api.expect(unwrap),
+                },
+                connect_timeout: connect_timeout.expect(unwrap),
+                request_timeout: request_timeout.expect(unwrap),
+            },
+            broker: BrokerSettings {
+                failure_cooldown: cooldown.expect(unwrap),
+            },
+        })
+    }
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value)
+        .map_err(|_| format!("{value:?} is not a duration such as \"5s\" or \"500ms\""))?;
+    if duration.is_zero() || duration > Duration::from_secs(600) {
+        return Err(format!("{value:?} must be between 1ms and 10m"));
+    }
+    Ok(duration)
+}
+
+/// Refuses a key file that group or others can read or write.
+pub fn check_key_file_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read master key file {}: {e}", path.display()))?;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "master key file {} has mode {mode:o}, which lets other users read it; run chmod 600 on it",
+            path.display()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! Connection records in sled: one tree of records keyed by connection id,
+//! one index from (environment, tenant) to connection id, and a metadata tree.
+//!
+//! Every write that changes more than one key runs in a sled transaction, and
+//! every public write method flushes to disk before it returns, so a write
+//! acknowledged to a caller survives `kill -9`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+use crate::crypto::{MasterKey, Sealed};
+use crate::model::Environment;
+
+const CONNECTIONS_TREE: &str = "connections";
+const TENANT_INDEX_TREE: &str = "tenant_index";
+const META_TREE: &str = "meta";
+const CHECK_VALUE_PREFIX: &str = "master_key_check/";
+
+/// A stored connection. Secret fields are sealed under the connection's data
+/// key, which is itself wrapped under a master key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    pub id: String,
+    pub environment: Environment,
+    pub tenant_id: i64,
+    pub display_name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Enterprise Hub credentials, shared by several tenants: token requests
+    /// name the tenant.
+    #[serde(default)]
+    pub enterprise_hub: bool,
+    /// Scope group keys whose failure fails verification.
+    #[serde(default)]
+    pub required_scope_groups: Vec<String>,
+    pub created_at: SystemTime,
+    pub updated_at: SystemTime,
+    pub last_verified_at: Option<SystemTime>,
+    /// Id of the master key that wrapped `wrapped_data_key`.
+    pub master_key_id: String,
+    pub wrapped_data_key: Sealed,
+    /// Credential versions, oldest first. Exactly one is current.
+    pub versions: Vec<CredentialVersion>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CredentialVersion {
+    pub version: u32,
+    pub state: VersionState,
+    pub client_id: String,
+    pub client_secret: Sealed,
+    pub app_key: Sealed,
+    pub app_key_hint: String,
+    pub created_at: SystemTime,
+    /// Caller identity that stored this version.
+    pub created_by: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionState {
+    Current,
+    /// The version that was current before the last rotation; rollback
+    /// makes it current again.
+    Previous,
+    /// Stored by a rotation while it is being verified. A pending version
+    /// left by a crash is discarded at startup.
+    Pending,
+}
+
+impl ConnectionRecord {
+    /// Returns the current credential version.
+    pub fn current(&self) -> &CredentialVersion {
+        self.versions
+            .iter()
+            .find(|v| v.state == VersionState::Current)
+            .expect("a stored record always has one current version")
+    }
+
+    pub fn next_version_number(&self) -> u32 {
+        self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record {key} is not readable: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("a connection for {environment} tenant {tenant_id} already exists: {existing_id}")]
+    TenantTaken {
+        environment: Environment,
+        tenant_id: i64,
+        existing_id: String,
+    },
+    #[error("connection {0} was changed concurrently")]
+    Conflict(String),
+    #[error("connection {0} not found")]
+    NotFound(String),
+}
+
+/// Outcome of checking the configured master key against the data directory.
+#[derive(Debug)]
+pub enum KeyCheck {
+    /// The directory was written with this key, or is new and now records it.
+    Matches,
+    /// The directory was written with other keys, listed by id.
+    Mismatch { stored_key_ids: Vec<String> },
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    connections: sled::Tree,
+    tenant_index: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir.join("db")).open()?;
+        Ok(Self {
+            connections: db.open_tree(CONNECTIONS_TREE)?,
+            tenant_index: db.open_tree(TENANT_INDEX_TREE)?,
+            meta: db.open_tree(META_TREE)?,
+            db,
+        })
+    }
+
+    /// Checks that `key` is the master key this directory was written with,
+    /// recording its check value if the directory has none yet.
+    pub async fn check_master_key(&self, key: &MasterKey) -> Result<KeyCheck, StoreError> {
+        let own = format!("{CHECK_VALUE_PREFIX}{}", key.id());
+        let mut stored_key_ids = Vec::new();
+        for entry in self.meta.scan_prefix(CHECK_VALUE_PREFIX) {
+            let (name, value) = entry?;
+            let name = String::from_utf8_lossy(&name).into_owned();
+            if name == own {
+                let sealed: Sealed = decode(&name, &value)?;
+                if key.open_check_value(&sealed) {
+                    return Ok(KeyCheck::Matches);
+                }
+            }
+            stored_key_ids.push(name[CHECK_VALUE_PREFIX.len()..].to_owned());
+        }
+        if !stored_key_ids.is_empty() || !self.connections.is_empty() {
+            if stored_key_ids.is_empty() {
+                stored_key_ids = self.referenced_key_ids()?;
+            }
+            return Ok(KeyCheck::Mismatch { stored_key_ids });
+        }
+        self.meta
+            .insert(own.as_bytes(), encode(&key.seal_check_value()))?;
+        self.db.flush_async().await?;
+        Ok(KeyCheck::Matches)
+    }
+
+    fn referenced_key_ids(&self) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = Vec::new();
+        for record in self.iter() {
+            let record = record?;
+            if !ids.contains(&record.master_key_id) {
+                ids.push(record.master_key_id);
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        match self.connections.get(id.as_bytes())? {
+            Some(bytes) => Ok(Some(decode(id, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn find_by_tenant(
+        &self,
+        environment: Environment,
+        tenant_id: i64,
+    ) -> Result<Option<ConnectionRecord>, StoreError> {
+        match self.tenant_index.get(tenant_key(environment, tenant_id))? {
+            Some(id) => self.get(&String::from_utf8_lossy(&id)),
+            None => Ok(None),
+        }
+    }
+
+    /// Inserts a new connection and its tenant index entry atomically.
+    pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
+        let index_key = tenant_key(record.environment, record.tenant_id);
+        let bytes = encode(record);
+        let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
+            if let Some(existing) = index.get(&index_key)? {
+                return Err(ConflictableTransactionError::Abort(
+                    String::from_utf8_lossy(&existing).into_owned(),
+                ));
+            }
+            connections.insert(record.id.as_bytes(), bytes.as_slice())?;
+            index.insert(index_key.as_slice(), record.id.as_bytes())?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(TransactionError::Abort(existing_id)) => {
+                return Err(StoreError::TenantTaken {
+                    environment: record.environment,
+                    tenant_id: record.tenant_id,
+                    existing_id,
+                });
+            }
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        }
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Replaces a record if it is still exactly `previous`, so two writers
+    /// cannot silently overwrite each other.
+    pub async fn replace(
+        &self,
+        previous: &ConnectionRecord,
+        next: &ConnectionRecord,
+    ) -> Result<(), StoreError> {
+        let swapped = self.connections.compare_and_swap(
+            next.id.as_bytes(),
+            Some(encode(previous)),
+            Some(encode(next)),
+        )?;
+        if swapped.is_err() {
+            return Err(StoreError::Conflict(next.id.clone()));
+        }
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Deletes a connection and its index entry atomically.
+    pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, StoreError> {
+        let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
+            let Some(bytes) = connections.remove(id.as_bytes())? else {
+                return Err(ConflictableTransactionError::Abort(None));
+            };
+            let record: ConnectionRecord = match decode(id, &bytes) {
+                Ok(record) => record,
+                Err(e) => return Err(ConflictableTransactionError::Abort(Some(e.to_string()))),
+            };
+            index.remove(tenant_key(record.environment, record.tenant_id))?;
+            Ok(record)
+        });
+        let record = match result {
+            Ok(record) => record,
+            Err(TransactionError::Abort(None)) => return Err(StoreError::NotFound(id.to_owned())),
+            Err(TransactionError::Abort(Some(reason))) => {
+                return Err(StoreError::Corrupt {
+                    key: id.to_owned(),
+                    reason,
+                });
+            }
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        self.db.flush_async().await?;
+        Ok(record)
+    }
+
+    /// Returns up to `limit` records with ids after `after`, in id order,
+    /// that pass `filter`, and whether more may follow.
+    pub fn list(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        filter: impl Fn(&ConnectionRecord) -> bool,
+    ) -> Result<(Vec<ConnectionRecord>, bool), StoreError> {
+        let range = match after {
+            Some(after) => {
+                let mut start = after.as_bytes().to_vec();
+                start.push(0);
+                self.connections.range(start..)
+            }
+            None => self.connections.iter(),
+        };
+        let mut page = Vec::new();
+        for entry in range {
+            let (key, value) = entry?;
+            let record: ConnectionRecord = decode(&String::from_utf8_lossy(&key), &value)?;
+            if !filter(&record) {
+                continue;
+            }
+            if page.len() == limit {
+                return Ok((page, true));
+            }
+            page.push(record);
+        }
+        Ok((page, false))
+    }
+
+    /// Iterates over every record in id order.
+    pub fn iter(&self) -> impl Iterator<Item = Result<ConnectionRecord, StoreError>> + '_ {
+        self.connections.iter().map(|entry| {
+            let (key, value) = entry?;
+            decode(&String::from_utf8_lossy(&key), &value)
+        })
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+fn tenant_key(environment: Environment, tenant_id: i64) -> Vec<u8> {
+    format!("{}/{tenant_id}", environment.as_str()).into_bytes()
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records contain only JSON-representable fields")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,543 @@
+//! Verification of a connection's credentials against ServiceTitan, as
+//! ordered checks that each name the setup step to revisit when they fail.
+//!
+//! The setup steps are those of ServiceTitan's own onboarding: register the
+//! app and its scope groups in the Developer Portal, allow it in the tenant's
+//! Settings > Integrations > API Application Access, then copy the Tenant ID
+//! and Client ID and generate a Client Secret in the portal's App Connections.
+
+use std::time::{Duration, SystemTime};
+
+use crate::broker::Credentials;
+use crate::model::Environment;
+use crate::servicetitan::{IssuedToken, OAuthError, ProbeOutcome, ServiceTitanClient, TokenError};
+
+/// A ServiceTitan scope group with the read-only list call that probes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScopeGroup {
+    /// Check-name suffix and the value used in `required_scope_groups`.
+    pub key: &'static str,
+    /// The group's name in the Developer Portal.
+    pub title: &'static str,
+    /// API path of the probe, with `{tenant}` for the tenant id.
+    pub probe_path: &'static str,
+    pub scope: &'static str,
+}
+
+/// Probes from ServiceTitan's OpenAPI specs; each needs only paging
+/// parameters and the one scope listed.
+pub const SCOPE_GROUPS: [ScopeGroup; 10] = [
+    group(
+        "accounting",
+        "Accounting",
+        "/accounting/v2/tenant/{tenant}/payment-types",
+        "tn.acc.paymenttypes:r",
+    ),
+    group(
+        "crm",
+        "CRM",
+        "/crm/v2/tenant/{tenant}/customers",
+        "tn.crm.customers:r",
+    ),
+    group(
+        "dispatch",
+        "Dispatch",
+        "/dispatch/v2/tenant/{tenant}/zones",
+        "tn.dis.zones:r",
+    ),
+    group(
+        "forms",
+        "Forms",
+        "/forms/v2/tenant/{tenant}/forms",
+        "tn.frm.forms:r",
+    ),
+    group(
+        "job_booking",
+        "Job Booking",
+        "/jbce/v2/tenant/{tenant}/call-reasons",
+        "tn.jbce.callreasons:r",
+    ),
+    group(
+        "job_planning",
+        "Job Planning and Management",
+        "/jpm/v2/tenant/{tenant}/job-types",
+        "tn.jpm.jobtypes:r",
+    ),
+    group(
+        "marketing",
+        "Marketing",
+        "/marketing/v2/tenant/{tenant}/categories",
+        "tn.mrk.categories:r",
+    ),
+    group(
+        "pricebook",
+        "Pricebook",
+        "/pricebook/v2/tenant/{tenant}/categories",
+        "tn.pb.categories:r",
+    ),
+    group(
+        "settings",
+        "Settings",
+        "/settings/v2/tenant/{tenant}/business-units",
+        "tn.stt.businessunits:r",
+    ),
+    group(
+        "timesheets",
+        "Timesheets",
+        "/timesheets/v2/tenant/{tenant}/activity-types",
+        "tn.tms.activitytypes:r",
+    ),
+];
+
+const fn group(
+    key: &'static str,
+    title: &'static str,
+    probe_path: &'static str,
+    scope: &'static str,
+) -> ScopeGroup {
+    ScopeGroup {
+        key,
+        title,
+        probe_path,
+        scope,
+    }
+}
+
+pub fn scope_group(key: &str) -> Option<&'static ScopeGroup> {
+    SCOPE_GROUPS.iter().find(|g| g.key == key)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckStatus {
+    Passed,
+    Failed,
+    Skipped,
+    /// Failed, but the connection does not require it.
+    Warning,
+}
+
+#[derive(Clone, Debug)]
+pub struct Check {
+    pub name: String,
+    pub status: CheckStatus,
+    pub message: String,
+    pub remediation: String,
+    pub checked_at: SystemTime,
+}
+
+/// Why a verification failed, which decides the gRPC status of a register or
+/// rotate that it blocks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The credentials or the ServiceTitan setup are wrong.
+    Setup,
+    /// ServiceTitan throttled the vault; retry after the delay.
+    RateLimited(Duration),
+    /// ServiceTitan was down, slow or answered garbage.
+    Upstream,
+}
+
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub checks: Vec<Check>,
+    pub granted_scopes: Vec<String>,
+    pub checked_at: SystemTime,
+    pub failure: Option<Failure>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.failure.is_none()
+    }
+
+    /// Returns the first failed check.
+    pub fn first_failure(&self) -> Option<&Check> {
+        self.checks.iter().find(|c| c.status == CheckStatus::Failed)
+    }
+}
+
+const REMEDIATE_SECRET: &str = "In the Developer Portal, open App Connections for this app and compare the Client ID; \
+generate a new Client Secret (it is shown once) if the stored one was lost or deactivated, then rotate it into the vault.";
+const REMEDIATE_TENANT_ID: &str = "Copy the Tenant ID from the Developer Portal's App Connections for this app; \
+the registered tenant id belongs to another connection.";
+const REMEDIATE_APP_KEY: &str = "Copy the Application Key from the app's page in the Developer Portal (Our organization), \
+and check that the app is not disabled; then rotate the app key into the vault.";
+const REMEDIATE_TENANT_ACCESS: &str = "In ServiceTitan, open Settings > Integrations > API Application Access, \
+connect this app and allow access (a tenant admin may also have disabled it there).";
+const REMEDIATE_UPSTREAM: &str =
+    "Nothing is known to be wrong with the credentials; retry the verification later.";
+
+/// Runs every check for `credentials`, stopping at the first failure that
+/// makes the later checks meaningless.
+pub async fn verify(
+    client: &ServiceTitanClient,
+    credentials: &Credentials,
+    required_groups: &[String],
+) -> Report {
+    let mut report = ReportBuilder::default();
+    let token = match token_check(client, credentials, &mut report).await {
+        Some(token) => token,
+        None => return report.finish(),
+    };
+    report.granted_scopes = token.claims.scopes.clone();
+    tenant_check(credentials, &token, &mut report);
+    if report.failure.is_some() {
+        report.skip_rest(
+            &["app_key", "tenant_access"],
+            "skipped because the tenant check failed",
+        );
+        return report.finish();
+    }
+    probe_checks(client, credentials, &token, required_groups, &mut report).await;
+    report.finish()
+}
+
+#[derive(Default)]
+struct ReportBuilder {
+    checks: Vec<Check>,
+    granted_scopes: Vec<String>,
+    failure: Option<Failure>,
+}
+
+impl ReportBuilder {
+    fn push(&mut self, name: &str, status: CheckStatus, message: String, remediation: &str) {
+        self.checks.push(Check {
+            name: name.to_owned(),
+            status,
+            message,
+            remediation: remediation.to_owned(),
+            checked_at: SystemTime::now(),
+        });
+    }
+
+    fn fail(&mut self, name: &str, failure: Failure, message: String, remediation: &str) {
+        self.push(name, CheckStatus::Failed, message, remediation);
+        // Setup problems outrank upstream trouble: they need a person.
+        match (&self.failure, &failure) {
+            (None, _) | (Some(Failure::Upstream | Failure::RateLimited(_)), Failure::Setup) => {
+                self.failure = Some(failure)
+            }
+            _ => {}
+        }
+    }
+
+    fn skip_rest(&mut self, names: &[&str], reason: &str) {
+        for name in names {
+            self.push(name, CheckStatus::Skipped, reason.to_owned(), "");
+        }
+        for group in &SCOPE_GROUPS {
+            self.push(
+                &format!("scope:{}", group.key),
+                CheckStatus::Skipped,
+                reason.to_owned(),
+                "",
+            );
+        }
+    }
+
+    fn finish(self) -> Report {
+        Report {
+            checks: self.checks,
+            granted_scopes: self.granted_scopes,
+            checked_at: SystemTime::now(),
+            failure: self.failure,
+        }
+    }
+}
+
+async fn token_check(
+    client: &ServiceTitanClient,
+    credentials: &Credentials,
+    report: &mut ReportBuilder,
+) -> Option<IssuedToken> {
+    let environment = credentials.environment;
+    let request = crate::servicetitan::TokenRequest {
+        environment,
+        client_id: &credentials.client_id,
+        client_secret: &credentials.client_secret,
+        tenant: credentials.enterprise_hub.then_some(credentials.tenant_id),
+    };
+    let error = match client.request_token(&request).await {
+        Ok(token) => {
+            report.push(
+                "token",
+                CheckStatus::Passed,
+                format!("the {environment} token endpoint issued a token"),
+                "",
+            );
+            return Some(token);
+        }
+        Err(error) => error,
+    };
+
+    let skip_reason = "skipped because no token was issued";
+    match error {
+        TokenError::Rejected {
+            error: OAuthError::InvalidClient,
+            ..
+        } => {
+            let other = match environment {
+                Environment::Production => Environment::Integration,
+                Environment::Integration => Environment::Production,
+            };
+            let other_request = crate::servicetitan::TokenRequest {
+                environment: other,
+                ..request
+            };
+            if client.request_token(&other_request).await.is_ok() {
+                report.fail(
+                    "token",
+                    Failure::Setup,
+                    format!(
+                        "ServiceTitan rejected the client id and secret in the {environment} environment \
+                         (invalid_client), but the {other} environment accepts them"
+                    ),
+                    &format!(
+                        "These credentials belong to the {other} environment: register them there, or \
+                         generate {environment} credentials in the Developer Portal."
+                    ),
+                );
+            } else {
+                report.fail(
+                    "token",
+                    Failure::Setup,
+                    "ServiceTitan rejected the client id or client secret (invalid_client)"
+                        .to_owned(),
+                    REMEDIATE_SECRET,
+                );
+            }
+        }
+        TokenError::Rejected { error, status } => report.fail(
+            "token",
+            Failure::Setup,
+            format!("ServiceTitan refused the token request ({error}, HTTP {status})"),
+            REMEDIATE_SECRET,
+        ),
+        TokenError::RateLimited { retry_after } => report.fail(
+            "token",
+            Failure::RateLimited(retry_after),
+            format!(
+                "ServiceTitan is rate limiting token requests (HTTP 429); retry after {} s",
+                retry_after.as_secs()
+            ),
+            REMEDIATE_UPSTREAM,
+        ),
+        TokenError::Unavailable(reason) => report.fail(
+            "token",
+            Failure::Upstream,
+            format!("ServiceTitan's token endpoint is unavailable: {reason}"),
+            REMEDIATE_UPSTREAM,
+        ),
+        TokenError::InvalidResponse(reason) => report.fail(
+            "token",
+            Failure::Upstream,
+            format!("ServiceTitan's token endpoint answered with an unusable response: {reason}"),
+            REMEDIATE_UPSTREAM,
+        ),
+    }
+    report.skip_rest(&["tenant", "app_key", "tenant_access"], skip_reason);
+    None
+}
+
+fn tenant_check(credentials: &Credentials, token: &IssuedToken, report: &mut ReportBuilder) {
+    let expected = credentials.tenant_id.to_string();
+    match &token.claims.tenant {
+        None => report.push(
+            "tenant",
+            CheckStatus::Skipped,
+            "the token carries no tenant claim".to_owned(),
+            "",
+        ),
+        Some(tenant) if *tenant == expected => report.push(
+            "tenant",
+            CheckStatus::Passed,
+            format!("the token was issued for tenant {expected}"),
+            "",
+        ),
+        Some(tenant) => {
+            let shown: String = tenant
+                .chars()
+                .filter(char::is_ascii_digit)
+                .take(20)
+                .collect();
+            report.fail(
+                "tenant",
+                Failure::Setup,
+                format!(
+                    "the token was issued for tenant {shown}, but the connection is registered for tenant {expected}"
+                ),
+                REMEDIATE_TENANT_ID,
+            );
+        }
+    }
+}
+
+async fn probe_checks(
+    client: &ServiceTitanClient,
+    credentials: &Credentials,
+    token: &IssuedToken,
+    required_groups: &[String],
+    report: &mut ReportBuilder,
+) {
+    let tenant = credentials.tenant_id.to_string();
+    let probes = SCOPE_GROUPS.iter().map(|group| {
+        let path = group.probe_path.replace("{tenant}", &tenant);
+        async move {
+            client
+                .probe(
+                    credentials.environment,
+                    &path,
+                    &credentials.app_key,
+                    &token.access_token,
+                )
+                .await
+        }
+    });
+    let outcomes: Vec<ProbeOutcome> = futures::future::join_all(probes).await;
+
+    // app_key: any 401 means the gateway refused the app key or the app.
+    let unauthorized = outcomes.iter().find_map(|o| match o {
+        ProbeOutcome::Unauthorized { subscription_key } => Some(*subscription_key),
+        _ => None,
+    });
+    let upstream = outcomes.iter().find_map(|o| match o {
+        ProbeOutcome::RateLimited { retry_after } => Some(Failure::RateLimited(*retry_after)),
+        ProbeOutcome::Unavailable(_) | ProbeOutcome::Unexpected(_) => Some(Failure::Upstream),
+        _ => None,
+    });
+    if let Some(subscription_key) = unauthorized {
+        let message = if subscription_key {
+            "ServiceTitan's API gateway rejected the app key (HTTP 401, invalid subscription key)"
+        } else {
+            "ServiceTitan's API rejected calls made with this app key and token (HTTP 401)"
+        };
+        report.fail(
+            "app_key",
+            Failure::Setup,
+            message.to_owned(),
+            REMEDIATE_APP_KEY,
+        );
+        report.skip_rest(
+            &["tenant_access"],
+            "skipped because the app key check failed",
+        );
+        return;
+    }
+    if outcomes
+        .iter()
+        .all(|o| !matches!(o, ProbeOutcome::Ok | ProbeOutcome::Forbidden { .. }))
+    {
+        let failure = upstream.unwrap_or(Failure::Upstream);
+        report.fail(
+            "app_key",
+            failure,
+            "ServiceTitan's API did not answer the verification calls".to_owned(),
+            REMEDIATE_UPSTREAM,
+        );
+        report.skip_rest(&["tenant_access"], "skipped because the API is unavailable");
+        return;
+    }
+    report.push(
+        "app_key",
+        CheckStatus::Passed,
+        "the API accepted the app key".to_owned(),
+        "",
+    );
+
+    // tenant_access: every probe forbidden although the token grants some
+    // of the probed scopes means the tenant has not allowed the app.
+    let any_ok = outcomes.contains(&ProbeOutcome::Ok);
+    let granted = |scope: &str| token.claims.scopes.iter().any(|s| s == scope);
+    let all_forbidden = outcomes
+        .iter()
+        .all(|o| matches!(o, ProbeOutcome::Forbidden { .. }));
+    let granted_any = SCOPE_GROUPS.iter().any(|g| granted(g.scope));
+    if any_ok {
+        report.push(
+            "tenant_access",
+            CheckStatus::Passed,
+            format!("the app can read data of tenant {tenant}"),
+            "",
+        );
+    } else if all_forbidden && (granted_any || token.claims.scopes.is_empty()) {
+        report.fail(
+            "tenant_access",
+            Failure::Setup,
+            format!("every API call for tenant {tenant} was refused (HTTP 403)"),
+            REMEDIATE_TENANT_ACCESS,
+        );
+        report.skip_rest(&[], "skipped because the app has no access to the tenant");
+        return;
+    } else {
+        report.push(
+            "tenant_access",
+            CheckStatus::Skipped,
+            "no probe succeeded, so tenant access could not be confirmed".to_owned(),
+            "",
+        );
+    }
+
+    for (group, outcome) in SCOPE_GROUPS.iter().zip(&outcomes) {
+        let name = format!("scope:{}", group.key);
+        let required = required_groups.iter().any(|g| g == group.key);
+        let remediation = format!(
+            "In the Developer Portal, add the {} scope group ({}) to the app, then have a tenant admin \
+             accept the new app version in Settings > Integrations > API Application Access.",
+            group.title, group.scope
+        );
+        match outcome {
+            ProbeOutcome::Ok => report.push(
+                &name,
+                CheckStatus::Passed,
+                format!("{} is readable ({})", group.title, group.scope),
+                "",
+            ),
+            ProbeOutcome::Forbidden { .. } | ProbeOutcome::NotFound => {
+                let in_claim = if granted(group.scope) {
+                    "although the token's scope claim lists it"
+                } else {
+                    "and the token's scope claim does not list it"
+                };
+                let message = format!(
+                    "{} is not readable: {} was refused {in_claim}",
+                    group.title, group.scope
+                );
+                if required {
+                    report.fail(&name, Failure::Setup, message, &remediation);
+                } else {
+                    report.push(&name, CheckStatus::Warning, message, &remediation);
+                }
+            }
+            ProbeOutcome::RateLimited { retry_after } => {
+                let message = format!(
+                    "the {} probe was rate limited (HTTP 429); retry after {} s",
+                    group.title,
+                    retry_after.as_secs()
+                );
+                if required {
+                    report.fail(
+                        &name,
+                        Failure::RateLimited(*retry_after),
+                        message,
+                        REMEDIATE_UPSTREAM,
+                    );
+                } else {
+                    report.push(&name, CheckStatus::Warning, message, REMEDIATE_UPSTREAM);
+                }
+            }
+            ProbeOutcome::Unavailable(_)
+            | ProbeOutcome::Unexpected(_)
+            | ProbeOutcome::Unauthorized { .. } => {
+                let message = format!(
+                    "the {} probe did not get an answer from ServiceTitan",
+                    group.title
+                );
+                if required {
+                    report.fail(&name, Failure::Upstream, message, REMEDIATE_UPSTREAM);
+                } else {
+                    report.push(&name, CheckStatus::Warning, message, REMEDIATE_UPSTREAM);
+                }
+            }
+        }
+    }
+}

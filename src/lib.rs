@@ -6,10 +6,12 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod crypto;
+pub mod health;
 pub mod model;
 pub mod secret;
 pub mod servicetitan;
 pub mod store;
+pub mod testhook;
 pub mod vault;
 pub mod verify;
 
@@ -41,11 +43,13 @@ pub struct StartupError(pub String);
 /// Opened state of a data directory, ready to serve.
 pub struct Opened {
     pub vault: Arc<vault::Vault>,
+    pub health: health::HealthSettings,
 }
 
 /// Loads the master key, opens the data directory and checks that the key
 /// is the one the directory was written with.
 pub async fn open(config: &Config) -> Result<Opened, StartupError> {
+    testhook::init_from_env();
     create_data_dir(&config.data_dir)?;
     let master_key = load_master_key(&config.master_key)?;
     let store = Store::open(&config.data_dir).map_err(|e| {
@@ -81,7 +85,10 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     for id in cleaned {
         tracing::warn!(connection.id = %id, "discarded a pending credential version left by an interrupted rotation");
     }
-    Ok(Opened { vault })
+    Ok(Opened {
+        vault,
+        health: config.health.clone(),
+    })
 }
 
 /// Serves the gRPC API on `listener` until `shutdown` completes.
@@ -110,15 +117,29 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| StartupError(format!("cannot build the reflection service: {e}")))?;
 
+    let checker = tokio::spawn(health::run(
+        opened.vault.clone(),
+        opened.health.clone(),
+        opened.vault.broker().take_rejections(),
+    ));
+    let vault = opened.vault.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Status watches never end on their own, so end them for the
+        // graceful shutdown to finish.
+        vault.stop_watchers();
+    };
+
     let store = opened.vault.store().clone();
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| StartupError(format!("gRPC server failed: {e}")))?;
+        .await;
+    checker.abort();
+    served.map_err(|e| StartupError(format!("gRPC server failed: {e}")))?;
     store
         .flush()
         .await

@@ -14,6 +14,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::crypto::{MasterKey, Sealed};
+use crate::health::Health;
 use crate::model::Environment;
 
 const CONNECTIONS_TREE: &str = "connections";
@@ -45,6 +46,9 @@ pub struct ConnectionRecord {
     pub wrapped_data_key: Sealed,
     /// Credential versions, oldest first. Exactly one is current.
     pub versions: Vec<CredentialVersion>,
+    /// Result of the last verification; `None` until the first one.
+    #[serde(default)]
+    pub health: Option<Health>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

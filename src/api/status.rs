@@ -13,6 +13,9 @@ use crate::vault::VaultError;
 use crate::verify::{CheckStatus, Failure, Report};
 
 const ERROR_DOMAIN: &str = "stvault";
+/// PreconditionFailure type of a failed verification check; each
+/// violation's subject is the check name, such as "token".
+const VIOLATION_TYPE: &str = "VERIFICATION_CHECK";
 
 pub fn to_status(error: VaultError) -> Status {
     match error {
@@ -97,8 +100,8 @@ pub fn verification_status(report: &Report) -> Status {
         .filter(|c| c.status == CheckStatus::Failed)
     {
         details.add_precondition_failure_violation(
+            VIOLATION_TYPE,
             check.name.clone(),
-            "servicetitan",
             format!("{} {}", check.message, check.remediation),
         );
     }

@@ -129,8 +129,9 @@ pub struct RejectedCredentials {
     pub version: u32,
 }
 
-/// Reports queued for the health checker; more are dropped, since each
-/// connection reports at most once per failure cooldown.
+/// Rejections queued for the health checker. A full queue drops new ones,
+/// which is rare because a connection's token requests fail at most once
+/// per failure cooldown.
 const REJECTION_QUEUE: usize = 1024;
 
 pub struct Broker {

@@ -184,7 +184,9 @@ async fn check_periodically(vault: &Arc<Vault>, interval: Duration, concurrency:
                 drop(permit);
             });
         }
-        cycle_start += cycle;
+        // A cycle that overran starts the next one now rather than in the
+        // past, so the late checks are not started back to back.
+        cycle_start = (cycle_start + cycle).max(Instant::now());
     }
 }
 

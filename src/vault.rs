@@ -20,8 +20,8 @@ const CLIENT_SECRET_FIELD: &str = "client_secret";
 const APP_KEY_FIELD: &str = "app_key";
 /// Times an operation re-reads a record after a concurrent change.
 const MAX_CONFLICT_RETRIES: usize = 5;
-/// Status events buffered for slow watchers; a watcher further behind is
-/// told to watch again.
+/// Status events buffered for slow watchers. A watcher further behind gets
+/// ABORTED and must watch again.
 const STATUS_EVENT_BUFFER: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -556,7 +556,7 @@ impl Vault {
             health.state = health.state.as_str(),
             "connection health changed"
         );
-        // An error means nobody is watching, which is fine.
+        // An error means that no watcher is subscribed.
         let _ = self.status_events.send(StatusEvent {
             connection_id: after.id.clone(),
             environment: after.environment,

@@ -335,9 +335,10 @@ async fn token_check(
             }
         }
         TokenError::Rejected { error, status } => {
-            // NOTE: ServiceTitan does not document how it answers an
+            // NOTE: ServiceTitan does not document its response to an
             // Enterprise Hub request without a tenant, or for a tenant outside
-            // the hub; invalid_request and invalid_grant are the likely codes.
+            // the hub. The OAuth codes invalid_request and invalid_grant are
+            // the likely ones.
             let hub_hint = match (error, credentials.enterprise_hub) {
                 (OAuthError::InvalidRequest, false) => Some(REMEDIATE_HUB_MISSING),
                 (OAuthError::InvalidGrant | OAuthError::InvalidRequest, true) => {

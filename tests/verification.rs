@@ -96,8 +96,8 @@ fn status_of(report: &pb::VerificationReport, name: &str) -> CheckStatus {
     CheckStatus::try_from(check(report, name).status).expect("known check status")
 }
 
-/// Asserts that `name` is the first and only failed check, that the report
-/// says `outcome`, and that the remediation contains each of `steps`.
+/// Asserts that `name` is the only failed check, that the report has
+/// `outcome`, and that the remediation contains each of `steps`.
 fn assert_fails_at(report: &pb::VerificationReport, name: &str, outcome: Outcome, steps: &[&str]) {
     let failed: Vec<&str> = report
         .checks

@@ -17,7 +17,7 @@ use super::convert;
 /// Events buffered per watcher before the forwarder waits for it.
 pub const WATCH_BUFFER: usize = 16;
 
-/// Which connections a watcher wants; `None` matches any.
+/// Connections selected by a watcher; a `None` field matches any.
 pub struct StatusFilter {
     pub connection_id: Option<String>,
     pub tenant_id: Option<i64>,

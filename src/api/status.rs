@@ -99,7 +99,7 @@ pub fn verification_status(report: &Report) -> Status {
         details.add_precondition_failure_violation(
             check.name.clone(),
             "servicetitan",
-            format!("{} {}", check.message, check.remediation),
+            format!("{}. {}", check.message, check.remediation),
         );
     }
     let (code, reason) = match report.failure {

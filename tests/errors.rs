@@ -406,7 +406,7 @@ async fn rate_limiting_is_resource_exhausted() {
         .retry_delay;
     assert_eq!(retry, Some(Duration::from_secs(30)));
 
-    // Within the 30 s, callers are answered from memory.
+    // Within the 30 s, callers get the stored error without a new request.
     let requests = fake.token_requests();
     let started = Instant::now();
     let status = client.get_access_token(by_id(&id)).await.unwrap_err();

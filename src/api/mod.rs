@@ -272,7 +272,7 @@ impl CredentialVault for VaultService {
             // deadline, so a hanging ServiceTitan yields UNAVAILABLE.
             let mut wait = self.vault.broker().client().request_timeout() + Duration::from_secs(1);
             if let Some(deadline) = deadline {
-                // Answer a little before the caller gives up, so it receives
+                // Respond a little before the caller gives up, so it receives
                 // UNAVAILABLE rather than its own deadline error.
                 wait = wait.min(deadline.saturating_sub(deadline / 20));
             }

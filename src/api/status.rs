@@ -1,6 +1,6 @@
 //! The one place where vault errors become gRPC statuses. Each known cause
-//! gets its own code and a message naming the resource and the fix; storage
-//! failures get a generic message, with the cause logged on the server.
+//! gets its own code and a message naming the resource and the fix. Storage
+//! failures get a generic message, and the cause is logged on the server.
 
 use std::time::Duration;
 
@@ -79,8 +79,9 @@ fn rate_limited(message: String, retry_after: Duration) -> Status {
     Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
-/// A failed verification: the message names the first failed check, its
-/// reason and its remediation; the details list every failed check.
+/// Builds the status of a failed verification. The message names the first
+/// failed check, its reason and its remediation, and the details list every
+/// failed check.
 pub fn verification_status(report: &Report) -> Status {
     let first = report.first_failure();
     let summary = match first {

@@ -55,8 +55,8 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_UPSTREAM_TIMEOUT", default_value = "10s")]
     pub upstream_timeout: String,
 
-    /// How long a failed token request is answered from memory before the
-    /// next call tries ServiceTitan again (429 answers use their Retry-After).
+    /// How long callers get the error of a failed token request before the
+    /// next call tries ServiceTitan again. A 429 uses its Retry-After instead.
     #[arg(long, env = "STVAULT_TOKEN_FAILURE_COOLDOWN", default_value = "2s")]
     pub token_failure_cooldown: String,
 

@@ -17,11 +17,12 @@ use crate::secret::SecretString;
 
 /// Upper bound on an upstream body read into memory.
 const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Longest token lifetime accepted; ServiceTitan issues 900-second tokens.
+/// Maximum token lifetime accepted, in seconds. ServiceTitan documents
+/// 900-second tokens, so a day leaves ample room.
 const MAX_EXPIRES_IN_SECS: i64 = 24 * 60 * 60;
 /// Wait assumed after a 429 that names no delay.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// Longest rate-limit wait honoured, so a bogus header cannot park a
+/// Maximum rate-limit wait honoured, so a bogus header cannot park a
 /// connection for days.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -83,10 +84,10 @@ pub enum TokenError {
     /// HTTP 429: ServiceTitan throttles new-token requests.
     #[error("ServiceTitan is rate limiting token requests; retry after {} s", retry_after.as_secs())]
     RateLimited { retry_after: Duration },
-    /// Timeouts, connection failures and 5xx answers.
+    /// Timeouts, connection failures and 5xx responses.
     #[error("ServiceTitan is unavailable: {0}")]
     Unavailable(String),
-    /// An answer that is not a usable token response.
+    /// A response that is not a usable token response.
     #[error("ServiceTitan returned an invalid token response: {0}")]
     InvalidResponse(String),
 }
@@ -168,7 +169,7 @@ pub struct TokenRequest<'a> {
 pub enum ProbeOutcome {
     Ok,
     /// HTTP 401; `subscription_key` is true when the body is the API
-    /// gateway's answer for a missing or invalid subscription (app) key.
+    /// gateway's response for a missing or invalid subscription (app) key.
     Unauthorized {
         subscription_key: bool,
     },

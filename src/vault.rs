@@ -42,7 +42,7 @@ pub enum VaultError {
         tenant_id: i64,
         connection_id: String,
     },
-    /// Verification failed; the report says which check and why.
+    /// Verification failed. The report names the failing check and its reason.
     #[error("verification failed")]
     VerificationFailed(Box<Report>),
     #[error("connection {0} has no previous credential version to roll back to")]

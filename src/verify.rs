@@ -137,7 +137,7 @@ pub enum Failure {
     Setup,
     /// ServiceTitan throttled the vault; retry after the delay.
     RateLimited(Duration),
-    /// ServiceTitan was down, slow or answered garbage.
+    /// ServiceTitan was down, slow or returned an unusable response.
     Upstream,
 }
 

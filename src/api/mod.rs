@@ -281,7 +281,9 @@ impl CredentialVault for VaultService {
             // deadline, so a hanging ServiceTitan yields UNAVAILABLE.
             let mut wait = self.vault.broker().client().request_timeout() + Duration::from_secs(1);
             if let Some(deadline) = deadline {
-                wait = wait.min(deadline);
+                // Respond a little before the caller gives up, so it receives
+                // UNAVAILABLE rather than its own deadline error.
+                wait = wait.min(deadline.saturating_sub(deadline / 20));
             }
             let issued = tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for))
                 .await

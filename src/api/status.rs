@@ -1,6 +1,6 @@
 //! The one place where vault errors become gRPC statuses. Each known cause
-//! gets its own code and a message naming the resource and the fix; storage
-//! failures get a generic message, with the cause logged on the server.
+//! gets its own code and a message naming the resource and the fix. Storage
+//! failures get a generic message, and the cause is logged on the server.
 
 use std::time::Duration;
 
@@ -13,9 +13,6 @@ use crate::vault::VaultError;
 use crate::verify::{CheckStatus, Failure, Report};
 
 const ERROR_DOMAIN: &str = "stvault";
-/// PreconditionFailure type of a failed verification check; each
-/// violation's subject is the check name, such as "token".
-const VIOLATION_TYPE: &str = "VERIFICATION_CHECK";
 
 pub fn to_status(error: VaultError) -> Status {
     match error {
@@ -82,8 +79,9 @@ fn rate_limited(message: String, retry_after: Duration) -> Status {
     Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
-/// A failed verification: the message names the first failed check, its
-/// reason and its remediation; the details list every failed check.
+/// Builds the status of a failed verification. The message names the first
+/// failed check, its reason and its remediation, and the details list every
+/// failed check.
 pub fn verification_status(report: &Report) -> Status {
     let first = report.first_failure();
     let summary = match first {
@@ -100,9 +98,9 @@ pub fn verification_status(report: &Report) -> Status {
         .filter(|c| c.status == CheckStatus::Failed)
     {
         details.add_precondition_failure_violation(
-            VIOLATION_TYPE,
             check.name.clone(),
-            format!("{} {}", check.message, check.remediation),
+            "servicetitan",
+            format!("{}. {}", check.message, check.remediation),
         );
     }
     let (code, reason) = match report.failure {

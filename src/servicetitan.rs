@@ -402,6 +402,11 @@ fn parse_token(body: &[u8]) -> Result<IssuedToken, TokenError> {
         Some(token) if !token.is_empty() => SecretString::new(token),
         _ => return Err(invalid("access_token is missing")),
     };
+    if !is_bearer_token(access_token.expose()) {
+        return Err(invalid(
+            "access_token contains characters not allowed in a bearer token",
+        ));
+    }
     let expires_in = parse_expires_in(response.expires_in.as_ref()).map_err(|r| invalid(&r))?;
     let token_type = response.token_type.unwrap_or_else(|| "Bearer".to_owned());
     if !token_type.eq_ignore_ascii_case("bearer") {
@@ -414,6 +419,16 @@ fn parse_token(body: &[u8]) -> Result<IssuedToken, TokenError> {
         expires_in,
         claims,
     })
+}
+
+/// Checks the RFC 6750 `b64token` syntax, so a token with control characters
+/// or spaces is never handed to callers that put it in an HTTP header.
+fn is_bearer_token(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
 }
 
 /// Accepts a positive whole number of seconds, as a JSON number or a numeric
@@ -573,6 +588,15 @@ mod tests {
             classify_token_response(200, None, br#"{"expires_in":900}"#),
             Err(TokenError::InvalidResponse(_))
         ));
+    }
+
+    #[test]
+    fn access_token_syntax_is_checked() {
+        assert!(is_bearer_token("eyJhbGciOi.eyJzdWIi.c2ln"));
+        assert!(is_bearer_token("abc+/~_-.=="));
+        for bad in ["", "tok\r\nX-Evil: 1", "a b", "tok\u{0}", "===", "é"] {
+            assert!(!is_bearer_token(bad), "{bad:?} accepted");
+        }
     }
 
     #[test]

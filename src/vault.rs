@@ -218,6 +218,7 @@ impl Vault {
             versions: vec![seal_version(
                 &data_key,
                 &id,
+                Binding::of_new(&new),
                 1,
                 VersionState::Current,
                 &new.client_id,
@@ -270,16 +271,22 @@ impl Vault {
     ) -> Result<Credentials, VaultError> {
         let integrity = || VaultError::Integrity(record.id.clone());
         let data_key = self.data_key(record)?;
+        let binding = Binding::of_record(record);
         let client_secret = data_key
             .open(
                 &record.id,
-                CLIENT_SECRET_FIELD,
+                &binding.field(CLIENT_SECRET_FIELD, &version.client_id),
                 version.version,
                 &version.client_secret,
             )
             .map_err(|_| integrity())?;
         let app_key = data_key
-            .open(&record.id, APP_KEY_FIELD, version.version, &version.app_key)
+            .open(
+                &record.id,
+                &binding.field(APP_KEY_FIELD, &version.client_id),
+                version.version,
+                &version.app_key,
+            )
             .map_err(|_| integrity())?;
         Ok(Credentials {
             connection_id: record.id.clone(),
@@ -346,6 +353,7 @@ impl Vault {
         let pending = seal_version(
             &data_key,
             id,
+            Binding::of_record(&record),
             number,
             VersionState::Pending,
             &client_id,
@@ -582,10 +590,12 @@ impl Vault {
         change: impl Fn(&mut ConnectionRecord),
     ) -> Result<(ConnectionRecord, ConnectionRecord), VaultError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let record = self.get(id)?;
+            let Some((bytes, record)) = self.store.get_with_bytes(id)? else {
+                return Err(VaultError::NotFound(id.to_owned()));
+            };
             let mut next = record.clone();
             change(&mut next);
-            match self.store.replace(&record, &next).await {
+            match self.store.replace(&bytes, &next).await {
                 Ok(()) => return Ok((record, next)),
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
@@ -594,7 +604,9 @@ impl Vault {
         Err(VaultError::Busy(id.to_owned()))
     }
 
-    pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, VaultError> {
+    /// Deletes a connection and drops its cached token. Returns the deleted
+    /// record, or `None` when it was unreadable.
+    pub async fn delete(&self, id: &str) -> Result<Option<ConnectionRecord>, VaultError> {
         let lock = self.change_lock(id);
         let _guard = lock.lock().await;
         let record = match self.store.delete(id).await {
@@ -688,10 +700,52 @@ fn promote(record: &mut ConnectionRecord, number: u32) {
     }
 }
 
+/// The stored fields that decide where a credential is sent and for which
+/// tenant. They are bound into each sealed field's associated data, so an
+/// edited environment, tenant, client id or Enterprise Hub flag makes the
+/// secrets fail to open instead of being sent to the wrong place.
+#[derive(Clone, Copy)]
+struct Binding {
+    environment: Environment,
+    tenant_id: i64,
+    enterprise_hub: bool,
+}
+
+impl Binding {
+    fn of_record(record: &ConnectionRecord) -> Self {
+        Self {
+            environment: record.environment,
+            tenant_id: record.tenant_id,
+            enterprise_hub: record.enterprise_hub,
+        }
+    }
+
+    fn of_new(new: &NewConnection) -> Self {
+        Self {
+            environment: new.environment,
+            tenant_id: new.tenant_id,
+            enterprise_hub: new.enterprise_hub,
+        }
+    }
+
+    /// Returns the associated-data name of `field` for a version with
+    /// `client_id`. Client ids contain no control characters, so the NUL
+    /// separators keep the parts apart.
+    fn field(&self, field: &str, client_id: &str) -> String {
+        format!(
+            "{field}\0{}\0{}\0{}\0{client_id}",
+            self.environment.as_str(),
+            self.tenant_id,
+            self.enterprise_hub
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn seal_version(
     data_key: &DataKey,
     id: &str,
+    binding: Binding,
     number: u32,
     state: VersionState,
     client_id: &str,
@@ -703,8 +757,18 @@ fn seal_version(
         version: number,
         state,
         client_id: client_id.to_owned(),
-        client_secret: data_key.seal(id, CLIENT_SECRET_FIELD, number, client_secret),
-        app_key: data_key.seal(id, APP_KEY_FIELD, number, app_key),
+        client_secret: data_key.seal(
+            id,
+            &binding.field(CLIENT_SECRET_FIELD, client_id),
+            number,
+            client_secret,
+        ),
+        app_key: data_key.seal(
+            id,
+            &binding.field(APP_KEY_FIELD, client_id),
+            number,
+            app_key,
+        ),
         app_key_hint: app_key.hint(),
         created_at: SystemTime::now(),
         created_by: caller.to_owned(),

@@ -284,3 +284,173 @@ async fn ciphertext_copied_between_records_is_rejected() {
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
     assert!(status.message().contains(&ids[1]));
 }
+
+/// Registers connections for tenants 1 and 2 and stops the server, returning
+/// it with their ids.
+async fn two_connections_stopped() -> (FakeServiceTitan, Server, Vec<String>) {
+    let fake = FakeServiceTitan::start().await;
+    fake.add_app(FakeApp::new("cid.a", "cs1.a", 1, "ak1.a"));
+    fake.add_app(FakeApp::new("cid.b", "cs1.b", 2, "ak1.b"));
+    let mut server = Server::start(&fake).await;
+    let mut client = server.client().await;
+    let mut ids = Vec::new();
+    for (tenant, name) in [(1, "a"), (2, "b")] {
+        let connection = client
+            .register_connection(pb::RegisterConnectionRequest {
+                environment: pb::Environment::Production as i32,
+                tenant_id: tenant,
+                client_id: format!("cid.{name}"),
+                client_secret: format!("cs1.{name}"),
+                app_key: format!("ak1.{name}"),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(connection.connection_id);
+    }
+    drop(client);
+    server.kill9();
+    (fake, server, ids)
+}
+
+fn token_for_tenant(tenant_id: i64) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        environment: pb::Environment::Production as i32,
+        tenant_id,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edited_routing_fields_are_rejected() {
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 4] = [
+        ("tenant_id", |r| r["tenant_id"] = 2.into()),
+        ("environment", |r| r["environment"] = "integration".into()),
+        ("client_id", |r| {
+            r["versions"][0]["client_id"] = "cid.b".into()
+        }),
+        ("enterprise_hub", |r| r["enterprise_hub"] = true.into()),
+    ];
+    for (field, edit) in edits {
+        let (fake, mut server, ids) = two_connections_stopped().await;
+        edit_record(&server.data_dir(), &ids[0], edit);
+        server.launch().await;
+        let mut client = server.client().await;
+        let requests = fake.token_requests();
+        let status = client
+            .get_access_token(pb::GetAccessTokenRequest {
+                connection_id: ids[0].clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DataLoss, "edited {field}: {status:?}");
+        assert_eq!(
+            fake.token_requests(),
+            requests,
+            "edited {field}: credentials were sent"
+        );
+        let token = client
+            .get_access_token(token_for_tenant(2))
+            .await
+            .expect("tenant 2 unaffected");
+        assert_eq!(token.into_inner().connection_id, ids[1]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn record_under_another_id_is_rejected() {
+    let (_fake, mut server, ids) = two_connections_stopped().await;
+    let copy_of_b = read_record(&server.data_dir(), &ids[1]);
+    edit_record(&server.data_dir(), &ids[0], |record| *record = copy_of_b);
+    server.launch().await;
+    let mut client = server.client().await;
+
+    let status = client
+        .get_access_token(token_for_tenant(1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    let status = client
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: ids[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+
+    // Deleting the damaged record removes only its own index entry.
+    client
+        .delete_connection(pb::DeleteConnectionRequest {
+            connection_id: ids[0].clone(),
+        })
+        .await
+        .expect("an unreadable record can be deleted");
+    let token = client
+        .get_access_token(token_for_tenant(2))
+        .await
+        .expect("tenant 2 unaffected");
+    assert_eq!(token.into_inner().connection_id, ids[1]);
+    let status = client
+        .get_access_token(token_for_tenant(1))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn record_without_current_version_is_data_loss() {
+    let (_fake, mut server, ids) = two_connections_stopped().await;
+    edit_record(&server.data_dir(), &ids[0], |record| {
+        record["versions"][0]["state"] = "previous".into();
+    });
+    server.launch().await;
+    let mut client = server.client().await;
+
+    let status = client
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: ids[0].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    let listed = client
+        .list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .expect("one damaged record does not break listing")
+        .into_inner();
+    let listed_ids: Vec<_> = listed
+        .connections
+        .iter()
+        .map(|c| c.connection_id.clone())
+        .collect();
+    assert_eq!(listed_ids, vec![ids[1].clone()]);
+    assert!(!server.logs().contains("panicked"), "the server panicked");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn record_in_older_encoding_can_be_updated() {
+    let (fake, mut server, ids) = two_connections_stopped().await;
+    // Fields with serde defaults may be absent from records written by an
+    // older version; updates compare stored bytes, not a re-encoding.
+    edit_record(&server.data_dir(), &ids[0], |record| {
+        let object = record.as_object_mut().unwrap();
+        object.remove("required_scope_groups");
+        object.remove("health");
+    });
+    fake.update_app("cid.a", |app| app.client_secrets.push("cs2.a".into()));
+    server.launch().await;
+    let mut client = server.client().await;
+    let rotated = client
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: ids[0].clone(),
+            client_secret: "cs2.a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate a record in the older encoding")
+        .into_inner();
+    assert_eq!(rotated.credential_version, 2);
+}

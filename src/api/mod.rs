@@ -205,10 +205,19 @@ impl CredentialVault for VaultService {
                     "set at least one of client_id, client_secret or app_key to rotate",
                 ));
             }
-            let record = self
-                .vault
-                .rotate(&id, rotation, ANONYMOUS_CALLER)
+            // The rotation runs in its own task, so a caller that gives up
+            // mid-verification does not leave its pending version behind.
+            let vault = self.vault.clone();
+            let rotate_id = id.clone();
+            let record =
+                tokio::spawn(
+                    async move { vault.rotate(&rotate_id, rotation, ANONYMOUS_CALLER).await },
+                )
                 .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "rotation task failed");
+                    Status::internal("rotation failed; see the server log")
+                })?
                 .map_err(to_status)?;
             record_ids(&record.id, record.tenant_id);
             tracing::info!(
@@ -258,9 +267,13 @@ impl CredentialVault for VaultService {
         observe("DeleteConnection", async {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
             tracing::Span::current().record("connection.id", id.as_str());
-            let record = self.vault.delete(&id).await.map_err(to_status)?;
-            record_ids(&record.id, record.tenant_id);
-            tracing::info!("connection deleted");
+            match self.vault.delete(&id).await.map_err(to_status)? {
+                Some(record) => {
+                    record_ids(&record.id, record.tenant_id);
+                    tracing::info!("connection deleted");
+                }
+                None => tracing::warn!("unreadable connection record deleted"),
+            }
             Ok(Response::new(pb::DeleteConnectionResponse {}))
         })
         .await

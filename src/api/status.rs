@@ -25,7 +25,7 @@ pub fn to_status(error: VaultError) -> Status {
         VaultError::Token(token_error) => token_status(&token_error),
         VaultError::Integrity(id) => Status::data_loss(format!(
             "stored credentials of connection {id} failed integrity checks: the record was altered or \
-             holds ciphertext from another record; restore it from a backup or register the connection again"
+             holds ciphertext from another record; restore it from a backup, or delete the connection and register it again"
         )),
         VaultError::Busy(_) => Status::aborted(error.to_string()),
         VaultError::Store(StoreError::Corrupt { key, reason }) => {

@@ -127,10 +127,11 @@ pub fn labels(value: HashMap<String, String>) -> Result<BTreeMap<String, String>
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
         if !key_ok {
+            let shown: String = key.chars().take(64).collect();
             return Err(invalid(
                 "labels",
                 format!(
-                    "key {key:?} must be 1 to {MAX_LABEL_KEY_BYTES} characters of letters, digits, '_', '-', '.' or '/'"
+                    "key {shown:?} must be 1 to {MAX_LABEL_KEY_BYTES} characters of letters, digits, '_', '-', '.' or '/'"
                 ),
             ));
         }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -119,22 +120,35 @@ pub struct Store {
     connections: sled::Tree,
     tenant_index: sled::Tree,
     meta: sled::Tree,
+    /// Held by every write from its first change through its flush. sled
+    /// 0.34 deadlocks when a transaction waits for its exclusive lock while
+    /// several `flush_async` calls hold and wait for the shared one, which
+    /// concurrent RegisterConnection calls reached within seconds.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir.join("db")).open()?;
+        // Every write flushes before it returns, so sled's background
+        // flusher would add nothing but another party to the deadlock that
+        // `writes` prevents.
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(None)
+            .open()?;
         Ok(Self {
             connections: db.open_tree(CONNECTIONS_TREE)?,
             tenant_index: db.open_tree(TENANT_INDEX_TREE)?,
             meta: db.open_tree(META_TREE)?,
             db,
+            writes: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
     /// Checks that `key` is the master key this directory was written with,
     /// recording its check value if the directory has none yet.
     pub async fn check_master_key(&self, key: &MasterKey) -> Result<KeyCheck, StoreError> {
+        let _write = self.writes.lock().await;
         let own = format!("{CHECK_VALUE_PREFIX}{}", key.id());
         let mut stored_key_ids = Vec::new();
         for entry in self.meta.scan_prefix(CHECK_VALUE_PREFIX) {
@@ -199,6 +213,13 @@ impl Store {
 
     /// Inserts a new connection and its tenant index entry atomically.
     pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
+        self.insert_unflushed(record)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn insert_unflushed(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
         let index_key = tenant_key(record.environment, record.tenant_id);
         let bytes = encode(record);
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
@@ -222,6 +243,18 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         }
+        Ok(())
+    }
+
+    /// Inserts many new connections, each like `insert`, with one flush at
+    /// the end instead of one per record. For bulk imports and benchmarks:
+    /// nothing is durable until this returns, and a failure leaves the
+    /// records before it inserted.
+    pub async fn insert_batch(&self, records: &[ConnectionRecord]) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
+        for record in records {
+            self.insert_unflushed(record)?;
+        }
         self.db.flush_async().await?;
         Ok(())
     }
@@ -233,6 +266,7 @@ impl Store {
         previous: &ConnectionRecord,
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
         let swapped = self.connections.compare_and_swap(
             next.id.as_bytes(),
             Some(encode(previous)),
@@ -247,6 +281,7 @@ impl Store {
 
     /// Deletes a connection and its index entry atomically.
     pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, StoreError> {
+        let _write = self.writes.lock().await;
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             let Some(bytes) = connections.remove(id.as_bytes())? else {
                 return Err(ConflictableTransactionError::Abort(None));
@@ -313,6 +348,7 @@ impl Store {
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
         self.db.flush_async().await?;
         Ok(())
     }

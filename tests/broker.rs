@@ -702,3 +702,42 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_finish() {
+    let production = FakeServiceTitan::start().await;
+    let integration = FakeServiceTitan::start().await;
+    let server = Server::start(&production, &integration, Duration::from_secs(5), COOLDOWN).await;
+    let server = Arc::new(server);
+
+    // Durable writes from many callers at once once deadlocked sled (a
+    // transaction against concurrent flushes) within a few thousand writes.
+    let workers: Vec<_> = (0..64)
+        .map(|worker| {
+            let server = server.clone();
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let tenant = 10_000 + worker * 100 + i;
+                    let app =
+                        FakeApp::new(format!("cid.{tenant}"), "cs1.secret", tenant, "ak1.key");
+                    server.register(Environment::Production, &app, false).await;
+                }
+            })
+        })
+        .collect();
+    // A deadlock blocks the runtime's threads, so a tokio timeout would
+    // never fire: a plain thread ends the process instead.
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watched = finished.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(120));
+        if !watched.load(Ordering::SeqCst) {
+            eprintln!("concurrent registrations did not finish in 120 s: deadlock");
+            std::process::exit(1);
+        }
+    });
+    for worker in futures::future::join_all(workers).await {
+        worker.unwrap();
+    }
+    finished.store(true, Ordering::SeqCst);
+}

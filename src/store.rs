@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -123,22 +124,35 @@ pub struct Store {
     connections: sled::Tree,
     tenant_index: sled::Tree,
     meta: sled::Tree,
+    /// Held by every write from its first change through its flush. sled
+    /// 0.34 deadlocks when a transaction waits for its exclusive lock while
+    /// several `flush_async` calls hold and wait for the shared one, which
+    /// concurrent RegisterConnection calls reached within seconds.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir.join("db")).open()?;
+        // Every write flushes before it returns, so sled's background
+        // flusher would add nothing but another party to the deadlock that
+        // `writes` prevents.
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .flush_every_ms(None)
+            .open()?;
         Ok(Self {
             connections: db.open_tree(CONNECTIONS_TREE)?,
             tenant_index: db.open_tree(TENANT_INDEX_TREE)?,
             meta: db.open_tree(META_TREE)?,
             db,
+            writes: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
     /// Checks that `key` is the master key this directory was written with,
     /// recording its check value if the directory has none yet.
     pub async fn check_master_key(&self, key: &MasterKey) -> Result<KeyCheck, StoreError> {
+        let _write = self.writes.lock().await;
         let own = format!("{CHECK_VALUE_PREFIX}{}", key.id());
         let mut stored_key_ids = Vec::new();
         for entry in self.meta.scan_prefix(CHECK_VALUE_PREFIX) {
@@ -234,6 +248,13 @@ impl Store {
 
     /// Inserts a new connection and its tenant index entry atomically.
     pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
+        self.insert_unflushed(record)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn insert_unflushed(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
         let index_key = tenant_key(record.environment, record.tenant_id);
         let bytes = encode(record);
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
@@ -257,6 +278,18 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         }
+        Ok(())
+    }
+
+    /// Inserts many new connections, each like `insert`, with one flush at
+    /// the end instead of one per record. For bulk imports and benchmarks:
+    /// nothing is durable until this returns, and a failure leaves the
+    /// records before it inserted.
+    pub async fn insert_batch(&self, records: &[ConnectionRecord]) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
+        for record in records {
+            self.insert_unflushed(record)?;
+        }
         self.db.flush_async().await?;
         Ok(())
     }
@@ -269,6 +302,7 @@ impl Store {
         previous_bytes: &sled::IVec,
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
         let swapped = self.connections.compare_and_swap(
             next.id.as_bytes(),
             Some(previous_bytes),
@@ -287,6 +321,7 @@ impl Store {
     pub async fn delete(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
         // Index entries are found by value, so a record whose own tenant
         // fields are unreadable or edited still loses exactly its entries.
+        let _write = self.writes.lock().await;
         let mut index_keys = Vec::new();
         for entry in self.tenant_index.iter() {
             let (key, value) = entry?;
@@ -364,6 +399,7 @@ impl Store {
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
         self.db.flush_async().await?;
         Ok(())
     }

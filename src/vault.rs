@@ -200,34 +200,9 @@ impl Vault {
             health = Some(Health::after(None, 1, &report));
         }
 
-        let now = SystemTime::now();
-        let data_key = DataKey::generate();
-        let record = ConnectionRecord {
-            id: id.clone(),
-            environment: new.environment,
-            tenant_id: new.tenant_id,
-            display_name: new.display_name.clone(),
-            labels: new.labels.clone(),
-            enterprise_hub: new.enterprise_hub,
-            required_scope_groups: new.required_scope_groups.clone(),
-            created_at: now,
-            updated_at: now,
-            last_verified_at,
-            master_key_id: self.master_key.id().to_owned(),
-            wrapped_data_key: self.master_key.wrap(&id, &data_key),
-            versions: vec![seal_version(
-                &data_key,
-                &id,
-                Binding::of_new(&new),
-                1,
-                VersionState::Current,
-                &new.client_id,
-                &new.client_secret,
-                &new.app_key,
-                caller,
-            )],
-            health,
-        };
+        let mut record = new_record(&self.master_key, id, &new, caller);
+        record.last_verified_at = last_verified_at;
+        record.health = health;
         match self.store.insert(&record).await {
             Ok(()) => Ok((record, true)),
             Err(StoreError::TenantTaken { existing_id, .. }) => {
@@ -697,6 +672,45 @@ fn promote(record: &mut ConnectionRecord, number: u32) {
         } else {
             VersionState::Previous
         };
+    }
+}
+
+/// Builds the sealed record of a new connection, with a fresh data key
+/// wrapped under `master_key` and one current credential version.
+pub fn new_record(
+    master_key: &MasterKey,
+    id: String,
+    new: &NewConnection,
+    caller: &str,
+) -> ConnectionRecord {
+    let now = SystemTime::now();
+    let data_key = DataKey::generate();
+    let version = seal_version(
+        &data_key,
+        &id,
+        Binding::of_new(new),
+        1,
+        VersionState::Current,
+        &new.client_id,
+        &new.client_secret,
+        &new.app_key,
+        caller,
+    );
+    ConnectionRecord {
+        environment: new.environment,
+        tenant_id: new.tenant_id,
+        display_name: new.display_name.clone(),
+        labels: new.labels.clone(),
+        enterprise_hub: new.enterprise_hub,
+        required_scope_groups: new.required_scope_groups.clone(),
+        created_at: now,
+        updated_at: now,
+        last_verified_at: None,
+        master_key_id: master_key.id().to_owned(),
+        wrapped_data_key: master_key.wrap(&id, &data_key),
+        versions: vec![version],
+        health: None,
+        id,
     }
 }
 

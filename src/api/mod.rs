@@ -22,6 +22,8 @@ use status::to_status;
 /// Caller identity recorded in credential versions until callers are
 /// authenticated.
 const ANONYMOUS_CALLER: &str = "anonymous";
+/// Time kept back from a caller's gRPC deadline to send UNAVAILABLE in.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
 
 pub struct VaultService {
     vault: Arc<Vault>,
@@ -294,9 +296,10 @@ impl CredentialVault for VaultService {
             // deadline, so a hanging ServiceTitan yields UNAVAILABLE.
             let mut wait = self.vault.broker().client().request_timeout() + Duration::from_secs(1);
             if let Some(deadline) = deadline {
-                // Respond a little before the caller gives up, so it receives
-                // UNAVAILABLE rather than its own deadline error.
-                wait = wait.min(deadline.saturating_sub(deadline / 20));
+                // Respond a little before the deadline, so the caller reads
+                // why instead of its own DEADLINE_EXCEEDED.
+                let margin = DEADLINE_MARGIN.min(deadline / 5);
+                wait = wait.min(deadline - margin);
             }
             let issued = tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for))
                 .await

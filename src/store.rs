@@ -312,6 +312,12 @@ impl Store {
         })
     }
 
+    /// The database, for other trees that must live in the same directory,
+    /// such as the audit trail.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
         Ok(())

@@ -1,2 +1,3 @@
+pub mod certs;
 pub mod fake_servicetitan;
 pub mod server;

@@ -252,15 +252,18 @@ async fn mtls_rejects_bad_client_certificates() {
         ("unknown CA", Some(&foreign)),
         ("expired", Some(&expired)),
     ] {
-        let output = server.grpcurl_tls(&pki.ca_path, files, &[], &["list"]);
+        // The server drops the handshake, so grpcurl fails to dial.
+        let output = server.grpcurl_tls(&pki.ca_path, files, &["-connect-timeout", "3"], &["list"]);
         assert!(!output.status.success(), "grpcurl with {case} succeeded");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("Failed to dial"), "{case}: {stderr}");
     }
 
     // A client that does not trust the server's CA refuses the server.
     let output = server.grpcurl_tls(
         &other_ca.ca_path,
         Some(&pki.client("admin", ADMIN_URI)),
-        &[],
+        &["-connect-timeout", "3"],
         &["list"],
     );
     assert!(!output.status.success());
@@ -271,7 +274,13 @@ async fn mtls_rejects_bad_client_certificates() {
     );
 
     // Plaintext against the TLS port fails.
-    let output = grpcurl(&["-plaintext", &server.addr.to_string(), "list"]);
+    let output = grpcurl(&[
+        "-plaintext",
+        "-connect-timeout",
+        "3",
+        &server.addr.to_string(),
+        "list",
+    ]);
     assert!(!output.status.success());
 
     // The valid certificate still works after the rejections.

@@ -5,9 +5,10 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use stvault::pb;
+use support::callers::{Key, write_policy};
 use support::certs::Pki;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::server::{Server, grpcurl, grpcurl_error, json, run_command, run_expecting_exit};
@@ -32,56 +33,6 @@ async fn fake() -> FakeServiceTitan {
         fake.add_app(app);
     }
     fake
-}
-
-/// A bearer key, its policy hash, and the name it is listed under.
-struct Key {
-    name: &'static str,
-    key: String,
-}
-
-impl Key {
-    fn new(name: &'static str) -> Key {
-        Key {
-            name,
-            key: stvault::auth::identity::generate_key().expose().to_owned(),
-        }
-    }
-
-    fn hash(&self) -> String {
-        hex::encode(stvault::auth::identity::key_hash(&self.key.clone().into()))
-    }
-
-    fn entry(&self, roles: &str, tenants: Option<&str>) -> String {
-        let mut entry = format!(
-            "[[caller]]\nname = \"{}\"\nkey_sha256 = \"{}\"\nroles = {roles}\n",
-            self.name,
-            self.hash()
-        );
-        if let Some(tenants) = tenants {
-            entry.push_str(&format!("tenants = {tenants}\n"));
-        }
-        entry
-    }
-
-    fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.key).parse().unwrap(),
-        );
-        request
-    }
-
-    fn header(&self) -> String {
-        format!("authorization: Bearer {}", self.key)
-    }
-}
-
-fn write_policy(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("policy.toml");
-    std::fs::write(&path, text).unwrap();
-    path
 }
 
 fn register_request(tenant_id: i64, client_id: &str) -> pb::RegisterConnectionRequest {

@@ -456,7 +456,7 @@ async fn events_hold_no_secrets() {
     let mut stored = String::new();
     for entry in db.open_tree("audit_events").unwrap().iter() {
         let (_, value) = entry.unwrap();
-        stored.push_str(&String::from_utf8(value.to_vec()).unwrap());
+        stored.push_str(std::str::from_utf8(&value).unwrap());
     }
     assert!(stored.contains("GetAccessToken"), "{stored}");
 

@@ -464,3 +464,6 @@ impl VaultService {
 fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
+
+#[cfg(test)]
+mod tests;

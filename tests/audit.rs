@@ -87,7 +87,7 @@ fn by_tenant(tenant_id: i64) -> pb::GetAccessTokenRequest {
     }
 }
 
-/// The request id stvault sent back with a response or an error.
+/// Returns the request id stvault sent back with a response or an error.
 fn request_id<T>(result: &Result<Response<T>, Status>) -> String {
     let metadata = match result {
         Ok(response) => response.metadata(),

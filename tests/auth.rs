@@ -287,7 +287,7 @@ async fn tls_with_bearer_key() {
         .expect("bearer key over TLS");
 }
 
-/// The RPCs each role may call, as the policy defines them.
+/// Returns whether any of `roles` allows `rpc`, as the policy defines them.
 fn allowed(roles: &[&str], rpc: &str) -> bool {
     roles.iter().any(|role| match *role {
         "link" => matches!(

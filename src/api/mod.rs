@@ -39,9 +39,9 @@ impl VaultService {
     /// inside a span, appends the audit event and logs the outcome with the
     /// caller, ids (recorded by the handler once known), code and latency.
     ///
-    /// The response is released only after its audit event is on disk; if
-    /// the event cannot be written the call fails with `UNAVAILABLE`, and
-    /// while appends keep failing, calls are refused before they act.
+    /// The response is released only after its audit event is on disk. If
+    /// the event cannot be written, the call fails with `UNAVAILABLE`. While
+    /// appends keep failing, calls are rejected before they act.
     async fn observe<R, T, F, Fut>(
         &self,
         rpc: Rpc,
@@ -411,9 +411,9 @@ impl VaultService {
     /// and tenant, and checks that the caller may get tokens for its tenant.
     ///
     /// A caller limited to some tenants is checked before any lookup by
-    /// tenant, and gets the same denial for a connection id that does not
-    /// exist as for one of another tenant, so denials never reveal whether
-    /// a tenant or connection exists.
+    /// tenant. It gets the same denial for a connection id that does not
+    /// exist as for a connection of another tenant. So a denial does not
+    /// reveal whether a tenant or connection exists.
     fn resolve_connection(
         &self,
         caller: &Caller,

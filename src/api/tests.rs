@@ -17,8 +17,8 @@ use crate::servicetitan::{ClientConfig, Endpoints, ServiceTitanClient};
 use crate::store::Store;
 use crate::vault::Vault;
 
-/// A service on a fresh data directory whose ServiceTitan endpoints are a
-/// closed loopback port, for calls that never reach ServiceTitan.
+/// Builds a service on a fresh data directory. Its ServiceTitan endpoints
+/// are a closed loopback port, so use it only for calls that stay local.
 fn service(dir: &std::path::Path) -> (VaultService, Arc<AuditLog>) {
     let store = Store::open(dir).unwrap();
     let unreachable = Endpoints {

@@ -1,6 +1,6 @@
-//! Verification of the audit chain: every event from 1 to the head is
-//! present, readable, numbered in order, and the next event (or the head
-//! record, for the last one) holds the hash of its stored bytes.
+//! Verification of the audit chain. Every event from 1 to the head must be
+//! present, readable and numbered in order. The next event, or the head
+//! record for the last one, must contain the hash of its stored bytes.
 
 use std::fmt;
 use std::path::Path;
@@ -36,7 +36,7 @@ impl fmt::Display for ChainBreak {
     }
 }
 
-/// Why a data directory could not be verified.
+/// Failure to verify a data directory.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("cannot open the database in {dir}: {reason}")]

@@ -75,7 +75,7 @@ pub struct StoredEvent {
     pub hash: String,
 }
 
-/// Which events `AuditLog::list` returns; unset fields match everything.
+/// Event filter of `AuditLog::list`. An unset field matches every event.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub connection_id: Option<String>,
@@ -193,7 +193,7 @@ impl AuditLog {
         self.events.is_empty()
     }
 
-    /// Whether the last append succeeded.
+    /// Returns whether the last append succeeded.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::SeqCst)
     }
@@ -273,9 +273,8 @@ impl AuditLog {
             .lock()
             .expect("the audit head lock is never poisoned")
             .sequence;
-        // sled's `flush_async` can stop waking its waiters when several are
-        // polled at once (sled issue 1241), so the blocking flush runs on
-        // the blocking pool instead.
+        // In sled 0.34, `flush_async` futures polled concurrently can stay
+        // pending forever, so the blocking flush runs on the blocking pool.
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush())
             .await

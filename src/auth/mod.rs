@@ -81,7 +81,7 @@ impl fmt::Display for Rpc {
     }
 }
 
-/// How the caller of a request authenticated.
+/// Authentication method of a request's caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AuthMethod {
     Certificate,
@@ -100,7 +100,7 @@ impl AuthMethod {
     }
 }
 
-/// What the policy grants a caller.
+/// Permissions the policy grants a caller.
 #[derive(Clone, Debug)]
 enum Grant {
     /// No policy is configured: every RPC and tenant is allowed.
@@ -144,8 +144,8 @@ impl Caller {
         }
     }
 
-    /// Whether the caller may get tokens for every tenant, so resolving a
-    /// connection id needs no tenant check.
+    /// Returns whether the caller may get tokens for every tenant, in which
+    /// case resolving a connection id needs no tenant check.
     pub fn has_all_tenants(&self) -> bool {
         match &self.grant {
             Grant::Everything => true,
@@ -162,8 +162,8 @@ impl Caller {
         }
     }
 
-    /// A `PERMISSION_DENIED` naming the caller and the RPC, with `target`
-    /// (such as " for tenant 8450") appended.
+    /// Builds a `PERMISSION_DENIED` naming the caller and the RPC, with
+    /// `target` (such as " for tenant 8450") appended.
     pub fn denied(&self, rpc: Rpc, target: &str) -> Status {
         Status::permission_denied(format!(
             "caller {:?} is not allowed to call {rpc}{target}",
@@ -179,7 +179,7 @@ pub struct Presented<'a> {
     pub peer_certificates: Option<&'a [tonic::transport::CertificateDer<'static>]>,
 }
 
-/// Why a request could not be authenticated.
+/// Rejection of a request that could not be authenticated.
 pub struct Unauthenticated {
     pub method: AuthMethod,
     pub status: Status,
@@ -199,12 +199,13 @@ enum Mode {
 }
 
 impl Authenticator {
-    /// An authenticator that lets every caller do everything.
+    /// Creates an authenticator that lets every caller do everything.
     pub fn open() -> Self {
         Self { mode: Mode::Open }
     }
 
-    /// An authenticator enforcing `policy`, read from `path` on reload.
+    /// Creates an authenticator enforcing `policy`, read again from `path`
+    /// on reload.
     pub fn enforcing(path: PathBuf, policy: Policy) -> Self {
         Self {
             mode: Mode::Enforced {

@@ -82,7 +82,7 @@ impl Tenants {
     }
 }
 
-/// How a caller proves who it is.
+/// Credential by which a caller proves its identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Credential {
     /// A client certificate whose identity (URI SAN, DNS SAN or subject CN)
@@ -186,7 +186,7 @@ impl Policy {
         found
     }
 
-    /// Whether any caller authenticates with a client certificate.
+    /// Returns whether any caller authenticates with a client certificate.
     pub fn has_certificate_callers(&self) -> bool {
         !self.by_certificate.is_empty()
     }

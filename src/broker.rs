@@ -122,11 +122,24 @@ struct Entry {
     slot: Option<Arc<Slot>>,
 }
 
+/// Credentials that ServiceTitan rejected with `invalid_client` on a token
+/// request.
+pub struct RejectedCredentials {
+    pub connection_id: String,
+    pub version: u32,
+}
+
+/// Rejections queued for the health checker. A full queue drops new ones,
+/// which is rare because a connection's token requests fail at most once
+/// per failure cooldown.
+const REJECTION_QUEUE: usize = 1024;
+
 pub struct Broker {
     client: ServiceTitanClient,
     settings: BrokerSettings,
     entries: Mutex<HashMap<String, Entry>>,
     upstream_requests: std::sync::atomic::AtomicU64,
+    rejections: std::sync::OnceLock<tokio::sync::mpsc::Sender<RejectedCredentials>>,
 }
 
 impl Broker {
@@ -136,6 +149,23 @@ impl Broker {
             settings,
             entries: Mutex::new(HashMap::new()),
             upstream_requests: Default::default(),
+            rejections: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Returns the receiver of rejected credentials, or `None` if it was
+    /// already taken.
+    pub fn take_rejections(&self) -> Option<tokio::sync::mpsc::Receiver<RejectedCredentials>> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(REJECTION_QUEUE);
+        self.rejections.set(sender).ok().map(|()| receiver)
+    }
+
+    fn report_rejection(&self, credentials: &Credentials) {
+        if let Some(sender) = self.rejections.get() {
+            let _ = sender.try_send(RejectedCredentials {
+                connection_id: credentials.connection_id.clone(),
+                version: credentials.version,
+            });
         }
     }
 
@@ -278,6 +308,13 @@ impl Broker {
                     %error,
                     "token request failed"
                 ),
+            }
+            if let Err(TokenError::Rejected {
+                error: crate::servicetitan::OAuthError::InvalidClient,
+                ..
+            }) = &result
+            {
+                broker.report_rejection(&slot.credentials);
             }
             {
                 let mut state = slot.state.lock().expect("slot lock is never poisoned");

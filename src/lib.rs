@@ -8,10 +8,12 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod crypto;
+pub mod health;
 pub mod model;
 pub mod secret;
 pub mod servicetitan;
 pub mod store;
+pub mod testhook;
 pub mod vault;
 pub mod verify;
 
@@ -46,11 +48,13 @@ pub struct Opened {
     pub auth: Arc<auth::Authenticator>,
     pub audit: Arc<audit::AuditLog>,
     pub tls: Option<auth::tls::TlsFiles>,
+    pub health: health::HealthSettings,
 }
 
 /// Loads the master key, opens the data directory and checks that the key
 /// is the one the directory was written with.
 pub async fn open(config: &Config) -> Result<Opened, StartupError> {
+    testhook::init_from_env();
     create_data_dir(&config.data_dir)?;
     let master_key = load_master_key(&config.master_key)?;
     let store = Store::open(&config.data_dir).map_err(|e| {
@@ -92,6 +96,7 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     }
     Ok(Opened {
         vault,
+        health: config.health.clone(),
         auth: Arc::new(auth),
         audit: Arc::new(audit),
         tls: config.tls.clone(),
@@ -170,14 +175,28 @@ pub async fn serve(
             .tls_config(tls.server_config())
             .map_err(|e| StartupError(format!("invalid TLS configuration: {e}")))?;
     }
-    builder
+    let checker = tokio::spawn(health::run(
+        opened.vault.clone(),
+        opened.health.clone(),
+        opened.vault.broker().take_rejections(),
+    ));
+    let vault = opened.vault.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Status watches never end on their own, so end them for the
+        // graceful shutdown to finish.
+        vault.stop_watchers();
+    };
+
+    let served = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| StartupError(format!("gRPC server failed: {e}")))?;
+        .await;
+    checker.abort();
+    served.map_err(|e| StartupError(format!("gRPC server failed: {e}")))?;
     store
         .flush()
         .await

@@ -14,6 +14,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::crypto::{MasterKey, Sealed};
+use crate::health::Health;
 use crate::model::Environment;
 
 const CONNECTIONS_TREE: &str = "connections";
@@ -45,6 +46,9 @@ pub struct ConnectionRecord {
     pub wrapped_data_key: Sealed,
     /// Credential versions, oldest first. Exactly one is current.
     pub versions: Vec<CredentialVersion>,
+    /// Result of the last verification; `None` until the first one.
+    #[serde(default)]
+    pub health: Option<Health>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -180,8 +184,20 @@ impl Store {
     }
 
     pub fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        Ok(self.get_with_bytes(id)?.map(|(_, record)| record))
+    }
+
+    /// Returns a record with the exact bytes it was read from, for a later
+    /// `replace`.
+    pub fn get_with_bytes(
+        &self,
+        id: &str,
+    ) -> Result<Option<(sled::IVec, ConnectionRecord)>, StoreError> {
         match self.connections.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some(decode(id, &bytes)?)),
+            Some(bytes) => {
+                let record = decode_record(id.as_bytes(), &bytes)?;
+                Ok(Some((bytes, record)))
+            }
             None => Ok(None),
         }
     }
@@ -191,10 +207,29 @@ impl Store {
         environment: Environment,
         tenant_id: i64,
     ) -> Result<Option<ConnectionRecord>, StoreError> {
-        match self.tenant_index.get(tenant_key(environment, tenant_id))? {
-            Some(id) => self.get(&String::from_utf8_lossy(&id)),
-            None => Ok(None),
+        let Some(id) = self.tenant_index.get(tenant_key(environment, tenant_id))? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8_lossy(&id).into_owned();
+        let Some(record) = self.get(&id)? else {
+            return Err(StoreError::Corrupt {
+                key: id,
+                reason: format!(
+                    "the index entry of {environment} tenant {tenant_id} names a missing record"
+                ),
+            });
+        };
+        // An index entry edited to point at another tenant's record must not
+        // hand out that tenant's credentials.
+        if record.environment != environment || record.tenant_id != tenant_id {
+            return Err(StoreError::Corrupt {
+                key: id,
+                reason: format!(
+                    "the index entry of {environment} tenant {tenant_id} names another tenant's record"
+                ),
+            });
         }
+        Ok(Some(record))
     }
 
     /// Inserts a new connection and its tenant index entry atomically.
@@ -226,16 +261,17 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a record if it is still exactly `previous`, so two writers
-    /// cannot silently overwrite each other.
+    /// Replaces a record if its stored bytes are still `previous_bytes`,
+    /// as returned by `get_with_bytes`, so two writers cannot silently
+    /// overwrite each other.
     pub async fn replace(
         &self,
-        previous: &ConnectionRecord,
+        previous_bytes: &sled::IVec,
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
         let swapped = self.connections.compare_and_swap(
             next.id.as_bytes(),
-            Some(encode(previous)),
+            Some(previous_bytes),
             Some(encode(next)),
         )?;
         if swapped.is_err() {
@@ -245,28 +281,36 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a connection and its index entry atomically.
-    pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, StoreError> {
+    /// Deletes a connection and the index entries that point at it,
+    /// atomically. An unreadable record is deleted too, so an operator can
+    /// remove it; its record is then returned as `None`.
+    pub async fn delete(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        // Index entries are found by value, so a record whose own tenant
+        // fields are unreadable or edited still loses exactly its entries.
+        let mut index_keys = Vec::new();
+        for entry in self.tenant_index.iter() {
+            let (key, value) = entry?;
+            if value.as_ref() == id.as_bytes() {
+                index_keys.push(key);
+            }
+        }
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             let Some(bytes) = connections.remove(id.as_bytes())? else {
-                return Err(ConflictableTransactionError::Abort(None));
+                return Err(ConflictableTransactionError::Abort(()));
             };
-            let record: ConnectionRecord = match decode(id, &bytes) {
-                Ok(record) => record,
-                Err(e) => return Err(ConflictableTransactionError::Abort(Some(e.to_string()))),
-            };
-            index.remove(tenant_key(record.environment, record.tenant_id))?;
-            Ok(record)
+            for key in &index_keys {
+                if index
+                    .get(key)?
+                    .is_some_and(|value| value.as_ref() == id.as_bytes())
+                {
+                    index.remove(key)?;
+                }
+            }
+            Ok(decode_record(id.as_bytes(), &bytes).ok())
         });
         let record = match result {
             Ok(record) => record,
-            Err(TransactionError::Abort(None)) => return Err(StoreError::NotFound(id.to_owned())),
-            Err(TransactionError::Abort(Some(reason))) => {
-                return Err(StoreError::Corrupt {
-                    key: id.to_owned(),
-                    reason,
-                });
-            }
+            Err(TransactionError::Abort(())) => return Err(StoreError::NotFound(id.to_owned())),
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
         self.db.flush_async().await?;
@@ -292,7 +336,14 @@ impl Store {
         let mut page = Vec::new();
         for entry in range {
             let (key, value) = entry?;
-            let record: ConnectionRecord = decode(&String::from_utf8_lossy(&key), &value)?;
+            let record = match decode_record(&key, &value) {
+                Ok(record) => record,
+                Err(error) => {
+                    // One damaged record must not hide every other one.
+                    tracing::error!(%error, "skipping an unreadable connection record");
+                    continue;
+                }
+            };
             if !filter(&record) {
                 continue;
             }
@@ -308,7 +359,7 @@ impl Store {
     pub fn iter(&self) -> impl Iterator<Item = Result<ConnectionRecord, StoreError>> + '_ {
         self.connections.iter().map(|entry| {
             let (key, value) = entry?;
-            decode(&String::from_utf8_lossy(&key), &value)
+            decode_record(&key, &value)
         })
     }
 
@@ -330,6 +381,34 @@ fn tenant_key(environment: Environment, tenant_id: i64) -> Vec<u8> {
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records contain only JSON-representable fields")
+}
+
+/// Decodes a connection record and checks the invariants every reader
+/// relies on: it is stored under its own id and has exactly one current
+/// version.
+fn decode_record(key: &[u8], bytes: &[u8]) -> Result<ConnectionRecord, StoreError> {
+    let key = String::from_utf8_lossy(key);
+    let record: ConnectionRecord = decode(&key, bytes)?;
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        key: key.clone().into_owned(),
+        reason: reason.to_owned(),
+    };
+    if record.id != key {
+        return Err(corrupt(
+            "the record is stored under another connection's id",
+        ));
+    }
+    let current = record
+        .versions
+        .iter()
+        .filter(|v| v.state == VersionState::Current)
+        .count();
+    if current != 1 {
+        return Err(corrupt(
+            "the record does not have exactly one current credential version",
+        ));
+    }
+    Ok(record)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {

@@ -302,6 +302,8 @@ fn allowed(roles: &[&str], rpc: &str) -> bool {
                 | "RollbackCredentials"
                 | "VerifyConnection"
                 | "DeleteConnection"
+                | "UpdateConnection"
+                | "WatchConnectionStatus"
                 | "ListAuditEvents"
         ),
         "token" => rpc == "GetAccessToken",
@@ -358,6 +360,28 @@ async fn call(
             .get_access_token(key.request(by_tenant(TENANT_A)))
             .await
             .map(|_| ()),
+        "UpdateConnection" => client
+            .update_connection(key.request(pb::UpdateConnectionRequest {
+                connection: Some(pb::Connection {
+                    connection_id: id,
+                    display_name: format!("renamed by {}", key.name),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["display_name".into()],
+                }),
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+        // The stream is dropped once the call is accepted.
+        "WatchConnectionStatus" => client
+            .watch_connection_status(key.request(pb::WatchConnectionStatusRequest {
+                connection_id: id,
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
         "ListAuditEvents" => client
             .list_audit_events(key.request(pb::ListAuditEventsRequest::default()))
             .await
@@ -370,7 +394,7 @@ async fn call(
     }
 }
 
-const RPCS: [&str; 9] = [
+const RPCS: [&str; 11] = [
     "RegisterConnection",
     "GetConnection",
     "ListConnections",
@@ -379,6 +403,8 @@ const RPCS: [&str; 9] = [
     "VerifyConnection",
     "DeleteConnection",
     "GetAccessToken",
+    "UpdateConnection",
+    "WatchConnectionStatus",
     "ListAuditEvents",
 ];
 

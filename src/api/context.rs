@@ -218,6 +218,26 @@ impl Names for pb::ListConnectionsRequest {
     }
 }
 
+impl Names for pb::UpdateConnectionRequest {
+    fn names(&self) -> Subject {
+        self.connection
+            .as_ref()
+            .map(|connection| by_connection(&connection.connection_id))
+            .unwrap_or_default()
+    }
+}
+
+impl Names for pb::WatchConnectionStatusRequest {
+    fn names(&self) -> Subject {
+        Subject {
+            connection_id: connection_id(&self.connection_id),
+            environment: environment(self.environment),
+            tenant_id: tenant_id(self.tenant_id),
+            ..Default::default()
+        }
+    }
+}
+
 impl Names for pb::GetAccessTokenRequest {
     fn names(&self) -> Subject {
         Subject {

@@ -29,11 +29,13 @@ pub enum Rpc {
     VerifyConnection,
     DeleteConnection,
     GetAccessToken,
+    UpdateConnection,
+    WatchConnectionStatus,
     ListAuditEvents,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 9] = [
+    pub const ALL: [Rpc; 11] = [
         Rpc::RegisterConnection,
         Rpc::GetConnection,
         Rpc::ListConnections,
@@ -42,6 +44,8 @@ impl Rpc {
         Rpc::VerifyConnection,
         Rpc::DeleteConnection,
         Rpc::GetAccessToken,
+        Rpc::UpdateConnection,
+        Rpc::WatchConnectionStatus,
         Rpc::ListAuditEvents,
     ];
 
@@ -55,6 +59,8 @@ impl Rpc {
             Rpc::VerifyConnection => "VerifyConnection",
             Rpc::DeleteConnection => "DeleteConnection",
             Rpc::GetAccessToken => "GetAccessToken",
+            Rpc::UpdateConnection => "UpdateConnection",
+            Rpc::WatchConnectionStatus => "WatchConnectionStatus",
             Rpc::ListAuditEvents => "ListAuditEvents",
         }
     }
@@ -69,6 +75,8 @@ impl Rpc {
             | Rpc::RotateCredentials
             | Rpc::RollbackCredentials
             | Rpc::DeleteConnection
+            | Rpc::UpdateConnection
+            | Rpc::WatchConnectionStatus
             | Rpc::ListAuditEvents => &[Role::Admin],
             Rpc::GetAccessToken => &[Role::Token],
         }

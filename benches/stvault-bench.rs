@@ -216,6 +216,8 @@ fn config(fake: &FakeServiceTitan, data_dir: &Path, key_text: &SecretString) -> 
             interval: None,
             concurrency: 1,
         },
+        tls: None,
+        policy: None,
     }
 }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::auth::policy::Policy;
+use crate::auth::tls::TlsFiles;
 use crate::broker::BrokerSettings;
 use crate::health::HealthSettings;
 use crate::servicetitan::{self, ClientConfig, Endpoints};
@@ -17,8 +19,8 @@ pub const DEFAULT_KEY_FILE_NAME: &str = "master.key";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address of the gRPC listener. Plaintext gRPC is accepted only on a
-    /// loopback address.
+    /// Address of the gRPC listener. A non-loopback address requires TLS
+    /// and a policy file.
     #[arg(long, env = "STVAULT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
 
@@ -68,6 +70,26 @@ pub struct ServeArgs {
     /// Maximum background verifications running at once.
     #[arg(long, env = "STVAULT_HEALTH_CHECK_CONCURRENCY", default_value_t = 4)]
     pub health_check_concurrency: usize,
+
+    /// PEM certificate chain of the gRPC listener; with STVAULT_TLS_KEY it
+    /// turns on TLS.
+    #[arg(long, env = "STVAULT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of the listener's certificate.
+    #[arg(long, env = "STVAULT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates that client certificates must chain to. Setting
+    /// it makes a client certificate required (mutual TLS).
+    #[arg(long, env = "STVAULT_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+
+    /// TOML policy naming each caller, its roles and its tenants. Without
+    /// it, on a loopback listener, every caller may do everything.
+    /// Reloaded on SIGHUP.
+    #[arg(long, env = "STVAULT_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
 }
 
 /// Where the master key comes from.
@@ -86,6 +108,11 @@ pub struct Config {
     pub client: ClientConfig,
     pub broker: BrokerSettings,
     pub health: HealthSettings,
+    /// TLS files; plaintext when unset.
+    pub tls: Option<TlsFiles>,
+    /// The policy file and its validated contents; every caller is allowed
+    /// when unset.
+    pub policy: Option<(PathBuf, Policy)>,
 }
 
 impl Config {
@@ -94,14 +121,7 @@ impl Config {
         let mut errors = Vec::new();
 
         let listen = match args.listen.parse::<SocketAddr>() {
-            Ok(addr) if addr.ip().is_loopback() => Some(addr),
-            Ok(addr) => {
-                errors.push(format!(
-                    "STVAULT_LISTEN: {addr} is not a loopback address; plaintext gRPC would expose \
-                     credentials and tokens on the network, so listen on 127.0.0.1 or ::1"
-                ));
-                None
-            }
+            Ok(addr) => Some(addr),
             Err(_) => {
                 errors.push(
                     "STVAULT_LISTEN: expected an address and port such as 127.0.0.1:50051".into(),
@@ -167,6 +187,50 @@ impl Config {
                 "STVAULT_HEALTH_CHECK_CONCURRENCY: must be between 1 and {MAX_HEALTH_CHECK_CONCURRENCY}"
             ));
         }
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => match TlsFiles::load(cert, key, args.client_ca.as_deref()) {
+                Ok(files) => Some(files),
+                Err(tls_errors) => {
+                    errors.extend(tls_errors);
+                    None
+                }
+            },
+            (None, None) => {
+                if args.client_ca.is_some() {
+                    errors.push(
+                        "STVAULT_CLIENT_CA: client certificates need TLS; set STVAULT_TLS_CERT \
+                         and STVAULT_TLS_KEY too"
+                            .into(),
+                    );
+                }
+                None
+            }
+            _ => {
+                errors.push("STVAULT_TLS_CERT and STVAULT_TLS_KEY must be set together".into());
+                None
+            }
+        };
+        let policy = match &args.policy_file {
+            Some(path) => match Policy::load(path) {
+                Ok(policy) => Some((path.clone(), policy)),
+                Err(message) => {
+                    errors.push(format!("STVAULT_POLICY_FILE: {message}"));
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(addr) = listen {
+            let secured = args.tls_cert.is_some() && args.policy_file.is_some();
+            if !addr.ip().is_loopback() && !secured {
+                errors.push(format!(
+                    "STVAULT_LISTEN: {addr} is not a loopback address; a network listener needs \
+                     TLS (STVAULT_TLS_CERT, STVAULT_TLS_KEY) and a policy (STVAULT_POLICY_FILE), \
+                     or else anyone who reaches the port could read credentials and tokens; \
+                     set both, or listen on 127.0.0.1 or ::1"
+                ));
+            }
+        }
 
         if !errors.is_empty() {
             return Err(errors);
@@ -195,6 +259,8 @@ impl Config {
                 interval: health_interval.expect(unwrap),
                 concurrency: args.health_check_concurrency,
             },
+            tls,
+            policy,
         })
     }
 }

@@ -1,8 +1,10 @@
 //! stvault: a gRPC credential vault and token broker for ServiceTitan
-//! integrations. `serve` opens the data directory, checks the master key and
-//! runs the gRPC server until shutdown.
+//! integrations. `open` opens the data directory, checks the master key and
+//! loads the policy; `serve` runs the gRPC server until shutdown.
 
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod crypto;
@@ -44,6 +46,9 @@ pub struct StartupError(pub String);
 /// Opened state of a data directory, ready to serve.
 pub struct Opened {
     pub vault: Arc<vault::Vault>,
+    pub auth: Arc<auth::Authenticator>,
+    pub audit: Arc<audit::AuditLog>,
+    pub tls: Option<auth::tls::TlsFiles>,
     pub health: health::HealthSettings,
 }
 
@@ -75,6 +80,10 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         }
     }
 
+    let audit = audit::AuditLog::open(store.db())
+        .map_err(|e| StartupError(format!("cannot open the audit trail: {e}")))?;
+    let auth = authenticator(config);
+
     let client =
         servicetitan::ServiceTitanClient::new(config.client.clone()).map_err(StartupError)?;
     let broker = Arc::new(broker::Broker::new(client, config.broker.clone()));
@@ -89,7 +98,44 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     Ok(Opened {
         vault,
         health: config.health.clone(),
+        auth: Arc::new(auth),
+        audit: Arc::new(audit),
+        tls: config.tls.clone(),
     })
+}
+
+/// Builds the authenticator for the configured policy, warning about
+/// setups where some callers cannot get in.
+fn authenticator(config: &Config) -> auth::Authenticator {
+    let requires_certificates = config
+        .tls
+        .as_ref()
+        .is_some_and(auth::tls::TlsFiles::requires_client_certificates);
+    match &config.policy {
+        None => {
+            tracing::warn!(
+                listen = %config.listen,
+                "no policy file (STVAULT_POLICY_FILE) is set: every caller that reaches the \
+                 loopback listener may call every RPC and get tokens for every tenant"
+            );
+            auth::Authenticator::open()
+        }
+        Some((path, policy)) => {
+            if policy.has_certificate_callers() && !requires_certificates {
+                tracing::warn!(
+                    policy = %path.display(),
+                    "the policy names certificate callers but STVAULT_CLIENT_CA is not set, so \
+                     they cannot present certificates"
+                );
+            }
+            tracing::info!(
+                policy = %path.display(),
+                callers = policy.callers().len(),
+                "policy loaded"
+            );
+            auth::Authenticator::enforcing(path.clone(), policy.clone())
+        }
+    }
 }
 
 /// Serves the gRPC API on `listener` until `shutdown` completes.
@@ -100,6 +146,8 @@ pub async fn serve(
 ) -> Result<(), StartupError> {
     let service = pb::credential_vault_server::CredentialVaultServer::new(api::VaultService::new(
         opened.vault.clone(),
+        opened.auth.clone(),
+        opened.audit.clone(),
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -118,6 +166,16 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| StartupError(format!("cannot build the reflection service: {e}")))?;
 
+    // Health and reflection need no credentials: health reports only
+    // whether the server is up, for probes, and reflection returns the
+    // public schema that grpcurl needs before it can call anything.
+    let store = opened.vault.store().clone();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opened.tls {
+        builder = builder
+            .tls_config(tls.server_config())
+            .map_err(|e| StartupError(format!("invalid TLS configuration: {e}")))?;
+    }
     let checker = tokio::spawn(health::run(
         opened.vault.clone(),
         opened.health.clone(),
@@ -142,8 +200,7 @@ pub async fn serve(
         }
         accepted
     });
-    let store = opened.vault.store().clone();
-    let served = tonic::transport::Server::builder()
+    let served = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

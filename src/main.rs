@@ -1,8 +1,10 @@
-//! The `stvault` command: `serve` runs the vault.
+//! The `stvault` command: `serve` runs the vault, `keygen` makes a bearer
+//! key for the policy, `audit verify` checks the audit chain.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -10,6 +12,10 @@ use stvault::config::{Config, ServeArgs};
 
 /// Exit code for invalid configuration (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 78;
+/// Exit code for invalid command arguments (EX_USAGE from sysexits.h).
+const EXIT_USAGE: u8 = 64;
+/// Exit code of `audit verify` when the chain is broken (EX_DATAERR).
+const EXIT_CHAIN_BROKEN: u8 = 65;
 
 #[derive(Parser)]
 #[command(
@@ -25,16 +31,108 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Generate a bearer key and print it once, with its policy entry.
+    Keygen(KeygenArgs),
+    /// Inspect the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// Caller name recorded in audit events and error messages.
+    #[arg(long)]
+    name: String,
+    /// Role of the caller: link, admin or token. Repeat for several.
+    #[arg(long = "role", required = true)]
+    roles: Vec<String>,
+    /// Tenants a token caller may get tokens for: comma-separated ids, or
+    /// "*" for every tenant.
+    #[arg(long)]
+    tenants: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check that no audit event was edited or deleted. Run it on a stopped
+    /// server's data directory or on a copy of it.
+    Verify {
+        /// Data directory of the server.
+        #[arg(long, env = "STVAULT_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let runtime =
-        tokio::runtime::Runtime::new().expect("the tokio runtime starts on any supported OS");
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => tokio::runtime::Runtime::new()
+            .expect("the tokio runtime starts on any supported OS")
+            .block_on(serve(*args)),
+        Command::Keygen(args) => keygen(args),
+        Command::Audit(AuditCommand::Verify { data_dir }) => audit_verify(&data_dir),
+    }
+}
+
+/// Prints a new bearer key and the policy entry holding its hash. The key
+/// itself is stored nowhere.
+fn keygen(args: KeygenArgs) -> ExitCode {
+    let key = stvault::auth::identity::generate_key();
+    let hash = hex::encode(stvault::auth::identity::key_hash(&key));
+    let roles: Vec<String> = args.roles.iter().map(|r| format!("{r:?}")).collect();
+    let mut entry = format!(
+        "[[caller]]\nname = {:?}\nkey_sha256 = \"{hash}\"\nroles = [{}]\n",
+        args.name,
+        roles.join(", ")
+    );
+    match args.tenants.as_deref() {
+        Some("*") => entry.push_str("tenants = \"*\"\n"),
+        Some(list) => {
+            let ids: Result<Vec<i64>, _> = list.split(',').map(|id| id.trim().parse()).collect();
+            let Ok(ids) = ids else {
+                eprintln!("stvault: --tenants: expected comma-separated tenant ids or \"*\"");
+                return ExitCode::from(EXIT_USAGE);
+            };
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            entry.push_str(&format!("tenants = [{}]\n", ids.join(", ")));
+        }
+        None => {}
+    }
+    if let Err(error) = stvault::auth::policy::Policy::parse(&entry) {
+        eprintln!("stvault: invalid caller: {error}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    println!(
+        "# Bearer key for {:?}, shown only this once. The caller sends it as the\n\
+         # metadata \"authorization: Bearer <key>\".\n{}\n\n\
+         # Add this entry to the policy file (STVAULT_POLICY_FILE), then send SIGHUP\n\
+         # to stvault to load it.\n{entry}",
+        args.name,
+        key.expose()
+    );
+    ExitCode::SUCCESS
+}
+
+fn audit_verify(data_dir: &std::path::Path) -> ExitCode {
+    use stvault::audit::VerifyError;
+    match stvault::audit::verify_data_dir(data_dir) {
+        Ok(verified) => {
+            println!(
+                "audit chain intact: {} events, last hash {}",
+                verified.events, verified.head_hash
+            );
+            ExitCode::SUCCESS
+        }
+        Err(VerifyError::Broken(chain_break)) => {
+            eprintln!("stvault: {chain_break}");
+            ExitCode::from(EXIT_CHAIN_BROKEN)
+        }
+        Err(error) => {
+            eprintln!("stvault: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -86,8 +184,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
         listen = %local,
         data_dir = %config.data_dir.display(),
         connections = opened.vault.store().len(),
+        audit_events = opened.audit.len(),
+        tls = match &opened.tls {
+            None => "off",
+            Some(tls) if tls.requires_client_certificates() => "mutual",
+            Some(_) => "on",
+        },
+        policy = opened.auth.policy_path().map(|p| p.display().to_string()).unwrap_or_default(),
         "stvault listening"
     );
+    tokio::spawn(stvault::auth::reload_on_sighup(opened.auth.clone()));
     match stvault::serve(opened, listener, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stvault stopped");

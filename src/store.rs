@@ -174,7 +174,7 @@ impl Store {
         }
         self.meta
             .insert(own.as_bytes(), encode(&key.seal_check_value()))?;
-        self.db.flush_async().await?;
+        self.sync().await?;
         Ok(KeyCheck::Matches)
     }
 
@@ -250,7 +250,7 @@ impl Store {
     pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
         let _write = self.writes.lock().await;
         self.insert_unflushed(record)?;
-        self.db.flush_async().await?;
+        self.sync().await?;
         Ok(())
     }
 
@@ -290,7 +290,7 @@ impl Store {
         for record in records {
             self.insert_unflushed(record)?;
         }
-        self.db.flush_async().await?;
+        self.sync().await?;
         Ok(())
     }
 
@@ -311,7 +311,7 @@ impl Store {
         if swapped.is_err() {
             return Err(StoreError::Conflict(next.id.clone()));
         }
-        self.db.flush_async().await?;
+        self.sync().await?;
         Ok(())
     }
 
@@ -348,7 +348,7 @@ impl Store {
             Err(TransactionError::Abort(())) => return Err(StoreError::NotFound(id.to_owned())),
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
-        self.db.flush_async().await?;
+        self.sync().await?;
         Ok(record)
     }
 
@@ -398,9 +398,30 @@ impl Store {
         })
     }
 
+    /// The database, for other trees that must live in the same directory,
+    /// such as the audit trail.
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _write = self.writes.lock().await;
-        self.db.flush_async().await?;
+        self.sync().await?;
+        Ok(())
+    }
+
+    /// Flushes every write to disk. sled 0.34's `flush_async` futures can
+    /// stay pending forever when several are polled at once, so the blocking
+    /// `flush` runs on the blocking thread pool instead.
+    async fn sync(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| {
+                StoreError::Sled(sled::Error::ReportableBug(format!(
+                    "flush task failed: {e}"
+                )))
+            })??;
         Ok(())
     }
 }

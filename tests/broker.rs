@@ -374,6 +374,8 @@ impl Server {
                 interval: None,
                 concurrency: 1,
             },
+            tls: None,
+            policy: None,
         };
         let opened = stvault::open(&config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -497,7 +499,10 @@ async fn cold_callers_share_one_request() {
     let other_tenant = sent.elapsed();
     // Served while the first tenant's callers still wait for their token.
     let waiting = calls.iter().filter(|call| !call.is_finished()).count();
-    assert!(waiting > 0, "other tenant took {other_tenant:?}, after the slow calls finished");
+    assert!(
+        waiting > 0,
+        "other tenant took {other_tenant:?}, after the slow calls finished"
+    );
 
     let mut tokens = HashSet::new();
     for call in calls {

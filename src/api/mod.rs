@@ -1,6 +1,9 @@
-//! The gRPC service: validates requests, calls the vault and converts the
-//! results. Errors become statuses in `status`.
+//! The gRPC service: authenticates and authorizes each call, validates
+//! requests, calls the vault, converts the results and appends one audit
+//! event per call. Errors become statuses in `status`.
 
+mod audit;
+pub mod context;
 mod convert;
 pub mod status;
 pub mod validate;
@@ -10,62 +13,129 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::{Request, Response, Status};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
+use crate::audit::AuditLog;
+use crate::auth::{Authenticator, Caller, Presented, Rpc};
 use crate::pb;
 use crate::pb::credential_vault_server::CredentialVault;
 use crate::vault::{NewConnection, Rotation, SettingsUpdate, Vault};
 
+use context::{CallInfo, Subject, record_connection, record_credential_version};
 use status::to_status;
 
-/// Caller identity recorded in credential versions until callers are
-/// authenticated.
-const ANONYMOUS_CALLER: &str = "anonymous";
 /// Time kept back from a caller's gRPC deadline to send UNAVAILABLE in.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
 
 pub struct VaultService {
     vault: Arc<Vault>,
+    auth: Arc<Authenticator>,
+    audit: Arc<AuditLog>,
 }
 
 impl VaultService {
-    pub fn new(vault: Arc<Vault>) -> Self {
-        Self { vault }
+    pub fn new(vault: Arc<Vault>, auth: Arc<Authenticator>, audit: Arc<AuditLog>) -> Self {
+        Self { vault, auth, audit }
+    }
+
+    /// Runs one RPC: authenticates and authorizes the caller, runs `handler`
+    /// inside a span, appends the audit event and logs the outcome with the
+    /// caller, ids (recorded by the handler once known), code and latency.
+    ///
+    /// The response is released only after its audit event is on disk. If
+    /// the event cannot be written, the call fails with `UNAVAILABLE`. While
+    /// appends keep failing, calls are rejected before they act.
+    async fn observe<R, T, F, Fut>(
+        &self,
+        rpc: Rpc,
+        request: Request<R>,
+        handler: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: context::Names,
+        F: FnOnce(Caller, Request<R>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let call = CallInfo::new(rpc, &request);
+        let span = tracing::info_span!(
+            "rpc",
+            rpc.method = rpc.as_str(),
+            request.id = call.request_id.as_str(),
+            caller = tracing::field::Empty,
+            connection.id = tracing::field::Empty,
+            tenant.id = tracing::field::Empty,
+            credential.version = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let authenticated = self.auth.authenticate(&Presented {
+            metadata: request.metadata(),
+            peer_certificates: request.peer_certs().as_deref().map(Vec::as_slice),
+        });
+        let subject = Arc::new(std::sync::Mutex::new(call.named.clone()));
+        let (caller, method, mut result) = match authenticated {
+            Err(rejected) => (None, rejected.method, Err(rejected.status)),
+            Ok(caller) => {
+                span.record("caller", caller.identity.as_str());
+                let method = caller.method;
+                let result = if !self.audit.is_healthy() {
+                    Err(audit_unavailable())
+                } else if let Err(denied) = caller.authorize(rpc) {
+                    Err(denied)
+                } else {
+                    let run = handler(caller.clone(), request).instrument(span.clone());
+                    context::with_subject(subject.clone(), run).await
+                };
+                (Some(caller), method, result)
+            }
+        };
+
+        let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        let recorded: Subject = subject
+            .lock()
+            .expect("the subject lock is never poisoned")
+            .clone();
+        let event = call.event(caller.as_ref(), method, recorded, code);
+        if let Err(error) = self.audit.append(event).await {
+            span.in_scope(|| {
+                tracing::error!(%error, code = ?code, "cannot write the audit event; failing the call")
+            });
+            result = Err(audit_unavailable());
+        }
+
+        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        span.in_scope(|| match &result {
+            Ok(_) => tracing::info!(code = "OK", latency_ms, "rpc finished"),
+            Err(status) => tracing::info!(
+                code = ?status.code(),
+                message = status.message(),
+                latency_ms,
+                "rpc finished"
+            ),
+        });
+        let request_id = MetadataValue::try_from(call.request_id.as_str())
+            .expect("request ids are printable ASCII");
+        match &mut result {
+            Ok(response) => {
+                response
+                    .metadata_mut()
+                    .insert(context::REQUEST_ID_HEADER, request_id);
+            }
+            Err(status) => {
+                status
+                    .metadata_mut()
+                    .insert(context::REQUEST_ID_HEADER, request_id);
+            }
+        }
+        result
     }
 }
 
-/// Runs one RPC inside a span and logs its outcome: method, connection and
-/// tenant ids (recorded by the handler once known), gRPC code and latency.
-async fn observe<T>(
-    method: &'static str,
-    handler: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
-    let span = tracing::info_span!(
-        "rpc",
-        rpc.method = method,
-        connection.id = tracing::field::Empty,
-        tenant.id = tracing::field::Empty,
-    );
-    let started = Instant::now();
-    let result = handler.instrument(span.clone()).await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-    span.in_scope(|| match &result {
-        Ok(_) => tracing::info!(code = "OK", latency_ms, "rpc finished"),
-        Err(status) => tracing::info!(
-            code = ?status.code(),
-            message = status.message(),
-            latency_ms,
-            "rpc finished"
-        ),
-    });
-    result
-}
-
-fn record_ids(connection_id: &str, tenant_id: i64) {
-    let span = tracing::Span::current();
-    span.record("connection.id", connection_id);
-    span.record("tenant.id", tenant_id);
+fn audit_unavailable() -> Status {
+    Status::unavailable(
+        "the audit trail cannot be written, so the call was not completed; retry later",
+    )
 }
 
 /// Reads the caller's gRPC deadline from the `grpc-timeout` header.
@@ -97,35 +167,40 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::RegisterConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        observe("RegisterConnection", async {
-            let request = request.into_inner();
-            let new = NewConnection {
-                environment: validate::environment("environment", request.environment)?,
-                tenant_id: validate::tenant_id("tenant_id", request.tenant_id)?,
-                client_id: validate::credential("client_id", &request.client_id)?,
-                client_secret: validate::secret("client_secret", request.client_secret)?,
-                app_key: validate::secret("app_key", request.app_key)?,
-                display_name: validate::display_name(&request.display_name)?,
-                labels: validate::labels(request.labels)?,
-                enterprise_hub: request.enterprise_hub,
-                required_scope_groups: validate::scope_groups(
-                    "required_scope_groups",
-                    request.required_scope_groups,
-                )?,
-                skip_verification: request.skip_verification,
-            };
-            tracing::Span::current().record("tenant.id", new.tenant_id);
-            let (record, created) = self
-                .vault
-                .register(new, ANONYMOUS_CALLER)
-                .await
-                .map_err(to_status)?;
-            record_ids(&record.id, record.tenant_id);
-            if created {
-                tracing::info!(environment = %record.environment, "connection registered");
-            }
-            Ok(Response::new(convert::connection(&record)))
-        })
+        self.observe(
+            Rpc::RegisterConnection,
+            request,
+            |caller, request| async move {
+                let request = request.into_inner();
+                let new = NewConnection {
+                    environment: validate::environment("environment", request.environment)?,
+                    tenant_id: validate::tenant_id("tenant_id", request.tenant_id)?,
+                    client_id: validate::credential("client_id", &request.client_id)?,
+                    client_secret: validate::secret("client_secret", request.client_secret)?,
+                    app_key: validate::secret("app_key", request.app_key)?,
+                    display_name: validate::display_name(&request.display_name)?,
+                    labels: validate::labels(request.labels)?,
+                    enterprise_hub: request.enterprise_hub,
+                    required_scope_groups: validate::scope_groups(
+                        "required_scope_groups",
+                        request.required_scope_groups,
+                    )?,
+                    skip_verification: request.skip_verification,
+                };
+                tracing::Span::current().record("tenant.id", new.tenant_id);
+                let (record, created) = self
+                    .vault
+                    .register(new, &caller.identity)
+                    .await
+                    .map_err(to_status)?;
+                record_connection(&record);
+                record_credential_version(record.current().version);
+                if created {
+                    tracing::info!(environment = %record.environment, "connection registered");
+                }
+                Ok(Response::new(convert::connection(&record)))
+            },
+        )
         .await
     }
 
@@ -133,10 +208,11 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        observe("GetConnection", async {
+        self.observe(Rpc::GetConnection, request, |_, request| async move {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
+            context::record_connection_id(&id);
             let record = self.vault.get(&id).map_err(to_status)?;
-            record_ids(&record.id, record.tenant_id);
+            record_connection(&record);
             Ok(Response::new(convert::connection(&record)))
         })
         .await
@@ -146,7 +222,7 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
-        observe("ListConnections", async {
+        self.observe(Rpc::ListConnections, request, |_, request| async move {
             let request = request.into_inner();
             let page_size = validate::page_size(request.page_size)?;
             let after = validate::page_token(&request.page_token)?;
@@ -182,52 +258,58 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::RotateCredentialsRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        observe("RotateCredentials", async {
-            let request = request.into_inner();
-            let id = validate::connection_id("connection_id", &request.connection_id)?;
-            tracing::Span::current().record("connection.id", id.as_str());
-            let rotation = Rotation {
-                client_id: non_empty(request.client_id)
-                    .map(|v| validate::credential("client_id", &v))
-                    .transpose()?,
-                client_secret: non_empty(request.client_secret)
-                    .map(|v| validate::secret("client_secret", v))
-                    .transpose()?,
-                app_key: non_empty(request.app_key)
-                    .map(|v| validate::secret("app_key", v))
-                    .transpose()?,
-                skip_verification: request.skip_verification,
-            };
-            if rotation.client_id.is_none()
-                && rotation.client_secret.is_none()
-                && rotation.app_key.is_none()
-            {
-                return Err(validate::invalid(
-                    "client_secret",
-                    "set at least one of client_id, client_secret or app_key to rotate",
-                ));
-            }
-            // The rotation runs in its own task, so a caller that gives up
-            // mid-verification does not leave its pending version behind.
-            let vault = self.vault.clone();
-            let rotate_id = id.clone();
-            let record =
-                tokio::spawn(
-                    async move { vault.rotate(&rotate_id, rotation, ANONYMOUS_CALLER).await },
-                )
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "rotation task failed");
-                    Status::internal("rotation failed; see the server log")
-                })?
-                .map_err(to_status)?;
-            record_ids(&record.id, record.tenant_id);
-            tracing::info!(
-                credential.version = record.current().version,
-                "credentials rotated"
-            );
-            Ok(Response::new(convert::connection(&record)))
-        })
+        self.observe(
+            Rpc::RotateCredentials,
+            request,
+            |caller, request| async move {
+                let request = request.into_inner();
+                let id = validate::connection_id("connection_id", &request.connection_id)?;
+                context::record_connection_id(&id);
+                let rotation = Rotation {
+                    client_id: non_empty(request.client_id)
+                        .map(|v| validate::credential("client_id", &v))
+                        .transpose()?,
+                    client_secret: non_empty(request.client_secret)
+                        .map(|v| validate::secret("client_secret", v))
+                        .transpose()?,
+                    app_key: non_empty(request.app_key)
+                        .map(|v| validate::secret("app_key", v))
+                        .transpose()?,
+                    skip_verification: request.skip_verification,
+                };
+                if rotation.client_id.is_none()
+                    && rotation.client_secret.is_none()
+                    && rotation.app_key.is_none()
+                {
+                    return Err(validate::invalid(
+                        "client_secret",
+                        "set at least one of client_id, client_secret or app_key to rotate",
+                    ));
+                }
+                // The rotation runs in its own task, so a caller that gives up
+                // mid-verification does not leave its pending version behind.
+                let vault = self.vault.clone();
+                let rotate_id = id.clone();
+                let created_by = caller.identity.clone();
+                let record =
+                    tokio::spawn(
+                        async move { vault.rotate(&rotate_id, rotation, &created_by).await },
+                    )
+                    .await
+                    .map_err(|e| {
+                        tracing::error!(error = %e, "rotation task failed");
+                        Status::internal("rotation failed; see the server log")
+                    })?
+                    .map_err(to_status)?;
+                record_connection(&record);
+                record_credential_version(record.current().version);
+                tracing::info!(
+                    credential.version = record.current().version,
+                    "credentials rotated"
+                );
+                Ok(Response::new(convert::connection(&record)))
+            },
+        )
         .await
     }
 
@@ -235,11 +317,12 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::RollbackCredentialsRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        observe("RollbackCredentials", async {
+        self.observe(Rpc::RollbackCredentials, request, |_, request| async move {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
-            tracing::Span::current().record("connection.id", id.as_str());
+            context::record_connection_id(&id);
             let record = self.vault.rollback(&id).await.map_err(to_status)?;
-            record_ids(&record.id, record.tenant_id);
+            record_connection(&record);
+            record_credential_version(record.current().version);
             tracing::info!(
                 credential.version = record.current().version,
                 "credentials rolled back"
@@ -253,9 +336,12 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::VerifyConnectionRequest>,
     ) -> Result<Response<pb::VerificationReport>, Status> {
-        observe("VerifyConnection", async {
+        self.observe(Rpc::VerifyConnection, request, |_, request| async move {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
-            tracing::Span::current().record("connection.id", id.as_str());
+            context::record_connection_id(&id);
+            if let Ok(record) = self.vault.get(&id) {
+                record_connection(&record);
+            }
             let report = self.vault.verify(&id).await.map_err(to_status)?;
             Ok(Response::new(convert::report(&id, &report)))
         })
@@ -266,12 +352,12 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::DeleteConnectionRequest>,
     ) -> Result<Response<pb::DeleteConnectionResponse>, Status> {
-        observe("DeleteConnection", async {
+        self.observe(Rpc::DeleteConnection, request, |_, request| async move {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
-            tracing::Span::current().record("connection.id", id.as_str());
+            context::record_connection_id(&id);
             match self.vault.delete(&id).await.map_err(to_status)? {
                 Some(record) => {
-                    record_ids(&record.id, record.tenant_id);
+                    record_connection(&record);
                     tracing::info!("connection deleted");
                 }
                 None => tracing::warn!("unreadable connection record deleted"),
@@ -286,11 +372,10 @@ impl CredentialVault for VaultService {
         request: Request<pb::GetAccessTokenRequest>,
     ) -> Result<Response<pb::AccessToken>, Status> {
         let deadline = grpc_deadline(&request);
-        observe("GetAccessToken", async {
+        self.observe(Rpc::GetAccessToken, request, |caller, request| async move {
             let request = request.into_inner();
             let min_valid_for = validate::min_valid_for(request.min_valid_for)?;
-            let id = self.resolve_connection(&request)?;
-            tracing::Span::current().record("connection.id", id.as_str());
+            let id = self.resolve_connection(&caller, &request)?;
 
             // Wait no longer than the upstream timeout or the caller's own
             // deadline, so a hanging ServiceTitan yields UNAVAILABLE.
@@ -310,7 +395,12 @@ impl CredentialVault for VaultService {
                 })?
                 .map_err(to_status)?;
             let credentials = &issued.slot.credentials;
-            record_ids(&credentials.connection_id, credentials.tenant_id);
+            context::record_ids(
+                &credentials.connection_id,
+                credentials.environment,
+                credentials.tenant_id,
+            );
+            record_credential_version(credentials.version);
             let api_base_url = self
                 .vault
                 .broker()
@@ -337,14 +427,14 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::UpdateConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        observe("UpdateConnection", async {
+        self.observe(Rpc::UpdateConnection, request, |_, request| async move {
             let request = request.into_inner();
             let Some(connection) = request.connection else {
                 return Err(validate::invalid("connection", "is required"));
             };
             let id =
                 validate::connection_id("connection.connection_id", &connection.connection_id)?;
-            tracing::Span::current().record("connection.id", id.as_str());
+            context::record_connection_id(&id);
             let fields = validate::update_mask(request.update_mask)?;
             let named = |field: &str| fields.iter().any(|f| f == field);
             let update = SettingsUpdate {
@@ -369,7 +459,7 @@ impl CredentialVault for VaultService {
                 .update_settings(&id, update)
                 .await
                 .map_err(to_status)?;
-            record_ids(&record.id, record.tenant_id);
+            record_connection(&record);
             tracing::info!(fields = %fields.join(","), "connection updated");
             Ok(Response::new(convert::connection(&record)))
         })
@@ -380,32 +470,47 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::WatchConnectionStatusRequest>,
     ) -> Result<Response<Self::WatchConnectionStatusStream>, Status> {
-        observe("WatchConnectionStatus", async {
-            let request = request.into_inner();
-            let connection_id = match request.connection_id.as_str() {
-                "" => None,
-                value => Some(validate::connection_id("connection_id", value)?),
-            };
-            if let Some(id) = &connection_id {
-                let record = self.vault.get(id).map_err(to_status)?;
-                record_ids(&record.id, record.tenant_id);
-            }
-            let filter = watch::StatusFilter {
-                connection_id,
-                tenant_id: match request.tenant_id {
-                    0 => None,
-                    value => Some(validate::tenant_id("tenant_id", value)?),
-                },
-                environment: match request.environment {
-                    0 => None,
-                    value => Some(validate::environment("environment", value)?),
-                },
-            };
-            let (sender, receiver) = tokio::sync::mpsc::channel(watch::WATCH_BUFFER);
-            watch::start(&self.vault, filter, request.send_current_state, sender)?;
-            let stream: StatusStream =
-                Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver));
-            Ok(Response::new(stream))
+        self.observe(
+            Rpc::WatchConnectionStatus,
+            request,
+            |_, request| async move {
+                let request = request.into_inner();
+                let connection_id = match request.connection_id.as_str() {
+                    "" => None,
+                    value => Some(validate::connection_id("connection_id", value)?),
+                };
+                if let Some(id) = &connection_id {
+                    context::record_connection_id(id);
+                    let record = self.vault.get(id).map_err(to_status)?;
+                    record_connection(&record);
+                }
+                let filter = watch::StatusFilter {
+                    connection_id,
+                    tenant_id: match request.tenant_id {
+                        0 => None,
+                        value => Some(validate::tenant_id("tenant_id", value)?),
+                    },
+                    environment: match request.environment {
+                        0 => None,
+                        value => Some(validate::environment("environment", value)?),
+                    },
+                };
+                let (sender, receiver) = tokio::sync::mpsc::channel(watch::WATCH_BUFFER);
+                watch::start(&self.vault, filter, request.send_current_state, sender)?;
+                let stream: StatusStream =
+                    Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver));
+                Ok(Response::new(stream))
+            },
+        )
+        .await
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        self.observe(Rpc::ListAuditEvents, request, |_, request| async move {
+            audit::list_events(&self.audit, request.into_inner()).map(Response::new)
         })
         .await
     }
@@ -413,8 +518,17 @@ impl CredentialVault for VaultService {
 
 impl VaultService {
     /// Finds the connection a token request names, by id or by environment
-    /// and tenant.
-    fn resolve_connection(&self, request: &pb::GetAccessTokenRequest) -> Result<String, Status> {
+    /// and tenant, and checks that the caller may get tokens for its tenant.
+    ///
+    /// A caller limited to some tenants is checked before any lookup by
+    /// tenant. It gets the same denial for a connection id that does not
+    /// exist as for a connection of another tenant. So a denial does not
+    /// reveal whether a tenant or connection exists.
+    fn resolve_connection(
+        &self,
+        caller: &Caller,
+        request: &pb::GetAccessTokenRequest,
+    ) -> Result<String, Status> {
         let by_tenant = request.environment != 0 || request.tenant_id != 0;
         if !request.connection_id.is_empty() {
             let id = validate::connection_id("connection_id", &request.connection_id)?;
@@ -424,7 +538,23 @@ impl VaultService {
                     "set either connection_id, or environment and tenant_id, not both",
                 ));
             }
-            return Ok(id);
+            context::record_connection_id(&id);
+            if caller.has_all_tenants() {
+                return Ok(id);
+            }
+            let denied = || caller.denied(Rpc::GetAccessToken, &format!(" for connection {id}"));
+            return match self.vault.store().get(&id) {
+                Ok(Some(record)) => {
+                    record_connection(&record);
+                    if caller.may_use_tenant(record.tenant_id) {
+                        Ok(id)
+                    } else {
+                        Err(denied())
+                    }
+                }
+                Ok(None) => Err(denied()),
+                Err(error) => Err(to_status(error.into())),
+            };
         }
         if !by_tenant {
             return Err(validate::invalid(
@@ -434,7 +564,9 @@ impl VaultService {
         }
         let environment = validate::environment("environment", request.environment)?;
         let tenant_id = validate::tenant_id("tenant_id", request.tenant_id)?;
+        caller.authorize_tenant(Rpc::GetAccessToken, tenant_id)?;
         let record = self.vault.find(environment, tenant_id).map_err(to_status)?;
+        record_connection(&record);
         Ok(record.id)
     }
 }
@@ -442,3 +574,6 @@ impl VaultService {
 fn non_empty(value: String) -> Option<String> {
     (!value.is_empty()).then_some(value)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,2 +1,4 @@
+pub mod callers;
+pub mod certs;
 pub mod fake_servicetitan;
 pub mod server;

@@ -9,8 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use stvault::pb::credential_vault_client::CredentialVaultClient;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use super::certs::CertFiles;
 use super::fake_servicetitan::FakeServiceTitan;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -135,6 +136,86 @@ impl Server {
             .expect("connect to stvault")
     }
 
+    /// Sends SIGHUP, which makes stvault reload its policy, and waits until
+    /// the log shows the outcome (`policy reloaded` or `policy reload failed`).
+    pub async fn reload_policy(&self) -> String {
+        let before = self.reload_lines();
+        let child = self.child.as_ref().expect("server is running");
+        send_signal(child, "HUP");
+        let started = Instant::now();
+        loop {
+            let lines = self.reload_lines();
+            if lines.len() > before.len() {
+                return lines.last().expect("a new reload line").clone();
+            }
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "no reload logged after SIGHUP:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn reload_lines(&self) -> Vec<String> {
+        self.logs()
+            .lines()
+            .filter(|line| line.contains("policy reload"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Connects over TLS, trusting `ca` and presenting `client` if given.
+    /// With mutual TLS, a rejected client certificate may surface only on
+    /// the first call, since TLS 1.3 clients finish the handshake first.
+    pub async fn tls_client(
+        &self,
+        ca: &Path,
+        client: Option<&CertFiles>,
+    ) -> Result<CredentialVaultClient<Channel>, tonic::transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(ca).expect("read CA")));
+        if let Some(files) = client {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(&files.cert).expect("read client certificate"),
+                std::fs::read(&files.key).expect("read client key"),
+            ));
+        }
+        let channel = Channel::from_shared(format!("https://{}", self.addr))
+            .expect("valid URL")
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        Ok(CredentialVaultClient::new(channel))
+    }
+
+    /// Runs grpcurl over TLS trusting `ca`, presenting `client` if given,
+    /// with `flags` before the address and `args` (such as `list` or a
+    /// method name) after it.
+    pub fn grpcurl_tls(
+        &self,
+        ca: &Path,
+        client: Option<&CertFiles>,
+        flags: &[&str],
+        args: &[&str],
+    ) -> Output {
+        let mut full: Vec<String> = vec!["-cacert".into(), ca.display().to_string()];
+        if let Some(files) = client {
+            full.extend([
+                "-cert".into(),
+                files.cert.display().to_string(),
+                "-key".into(),
+                files.key.display().to_string(),
+            ]);
+        }
+        full.extend(flags.iter().map(|a| (*a).to_owned()));
+        full.push(self.addr.to_string());
+        full.extend(args.iter().map(|a| (*a).to_owned()));
+        let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+        grpcurl(&refs)
+    }
+
     /// Runs grpcurl in plaintext against the server with a JSON request.
     pub fn grpcurl(&self, method: &str, body: &str) -> Output {
         grpcurl(&[
@@ -203,8 +284,13 @@ pub fn spawn(env: &HashMap<String, String>, log_path: &Path) -> Child {
 /// Runs `stvault serve` to completion and returns its exit code and output,
 /// for configurations that must be refused at startup.
 pub fn run_expecting_exit(env: &HashMap<String, String>) -> (i32, String) {
+    run_command(&["serve"], env)
+}
+
+/// Runs `stvault ARGS` with `env` and returns its exit code and output.
+pub fn run_command(args: &[&str], env: &HashMap<String, String>) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_stvault"))
-        .arg("serve")
+        .args(args)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(env)

@@ -667,14 +667,18 @@ async fn token_holders_of_a_credential_version() {
     assert_eq!(token.credential_version, 2);
 
     // The README query, as printed there.
-    let script = format!(
-        r#"grpcurl -plaintext -H "authorization: Bearer $STVAULT_ADMIN_KEY" \
-  -d '{{"rpc": "GetAccessToken", "environment": "ENVIRONMENT_INTEGRATION",
-       "tenant_id": 8450, "credential_version": 1}}' \
-  {} stvault.v1.CredentialVault/ListAuditEvents |
-  jq -r '.events[].caller' | sort -u"#,
-        server.addr
-    );
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md");
+    let script = readme
+        .split("<!-- audit-query:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- audit-query:end -->").next())
+        .expect("README.md has the audit query")
+        .lines()
+        .filter(|line| !line.starts_with("```"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("127.0.0.1:50051", &server.addr.to_string());
     let run = |script: &str| {
         let output = Command::new("bash")
             .args(["-c", &format!("set -euo pipefail\n{script}")])

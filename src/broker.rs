@@ -232,12 +232,14 @@ impl Broker {
                 if now >= token.refresh_at && state.inflight.is_none() && !cooling {
                     self.start_fetch(slot, &mut state);
                 }
+                crate::metrics::record_token_cache(true);
                 return Lookup::Ready(Ok(token));
             }
         }
         if let Some((_, error)) = &state.cooldown {
             return Lookup::Ready(Err(error.clone()));
         }
+        crate::metrics::record_token_cache(false);
         match &state.inflight {
             Some(receiver) => Lookup::Wait(receiver.clone()),
             None => Lookup::Wait(self.start_fetch(slot, &mut state)),
@@ -265,6 +267,13 @@ impl Broker {
                 .request_token(&slot.credentials.token_request())
                 .await
                 .map(|issued| Arc::new(CachedToken::from_issued(issued, started)));
+            let credentials = &slot.credentials;
+            crate::metrics::record_upstream_token(
+                credentials.environment,
+                credentials.tenant_id,
+                &result,
+                started.elapsed(),
+            );
             let connection_id = &slot.credentials.connection_id;
             match &result {
                 Ok(token) => tracing::debug!(

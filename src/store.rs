@@ -13,13 +13,18 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::crypto::{MasterKey, Sealed};
+use crate::crypto::Sealed;
 use crate::model::Environment;
 
+/// Subdirectory of the data directory that holds the sled database.
+pub const DB_DIR_NAME: &str = "db";
 const CONNECTIONS_TREE: &str = "connections";
 const TENANT_INDEX_TREE: &str = "tenant_index";
 const META_TREE: &str = "meta";
 const CHECK_VALUE_PREFIX: &str = "master_key_check/";
+
+mod maintenance;
+pub use maintenance::Snapshot;
 
 /// A stored connection. Secret fields are sealed under the connection's data
 /// key, which is itself wrapped under a master key.
@@ -104,71 +109,27 @@ pub enum StoreError {
     NotFound(String),
 }
 
-/// Outcome of checking the configured master key against the data directory.
-#[derive(Debug)]
-pub enum KeyCheck {
-    /// The directory was written with this key, or is new and now records it.
-    Matches,
-    /// The directory was written with other keys, listed by id.
-    Mismatch { stored_key_ids: Vec<String> },
-}
-
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     connections: sled::Tree,
     tenant_index: sled::Tree,
     meta: sled::Tree,
+    /// Held shared by every write and exclusively by `snapshot`, so a
+    /// snapshot sees no write half done.
+    write_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir.join("db")).open()?;
+        let db = sled::Config::new().path(dir.join(DB_DIR_NAME)).open()?;
         Ok(Self {
             connections: db.open_tree(CONNECTIONS_TREE)?,
             tenant_index: db.open_tree(TENANT_INDEX_TREE)?,
             meta: db.open_tree(META_TREE)?,
+            write_gate: Default::default(),
             db,
         })
-    }
-
-    /// Checks that `key` is the master key this directory was written with,
-    /// recording its check value if the directory has none yet.
-    pub async fn check_master_key(&self, key: &MasterKey) -> Result<KeyCheck, StoreError> {
-        let own = format!("{CHECK_VALUE_PREFIX}{}", key.id());
-        let mut stored_key_ids = Vec::new();
-        for entry in self.meta.scan_prefix(CHECK_VALUE_PREFIX) {
-            let (name, value) = entry?;
-            let name = String::from_utf8_lossy(&name).into_owned();
-            if name == own {
-                let sealed: Sealed = decode(&name, &value)?;
-                if key.open_check_value(&sealed) {
-                    return Ok(KeyCheck::Matches);
-                }
-            }
-            stored_key_ids.push(name[CHECK_VALUE_PREFIX.len()..].to_owned());
-        }
-        if !stored_key_ids.is_empty() || !self.connections.is_empty() {
-            if stored_key_ids.is_empty() {
-                stored_key_ids = self.referenced_key_ids()?;
-            }
-            return Ok(KeyCheck::Mismatch { stored_key_ids });
-        }
-        self.meta
-            .insert(own.as_bytes(), encode(&key.seal_check_value()))?;
-        self.db.flush_async().await?;
-        Ok(KeyCheck::Matches)
-    }
-
-    fn referenced_key_ids(&self) -> Result<Vec<String>, StoreError> {
-        let mut ids: Vec<String> = Vec::new();
-        for record in self.iter() {
-            let record = record?;
-            if !ids.contains(&record.master_key_id) {
-                ids.push(record.master_key_id);
-            }
-        }
-        Ok(ids)
     }
 
     pub fn len(&self) -> usize {
@@ -201,6 +162,7 @@ impl Store {
     pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
         let index_key = tenant_key(record.environment, record.tenant_id);
         let bytes = encode(record);
+        let _writing = self.write_gate.read().await;
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             if let Some(existing) = index.get(&index_key)? {
                 return Err(ConflictableTransactionError::Abort(
@@ -233,6 +195,7 @@ impl Store {
         previous: &ConnectionRecord,
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
+        let _writing = self.write_gate.read().await;
         let swapped = self.connections.compare_and_swap(
             next.id.as_bytes(),
             Some(encode(previous)),
@@ -247,6 +210,7 @@ impl Store {
 
     /// Deletes a connection and its index entry atomically.
     pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, StoreError> {
+        let _writing = self.write_gate.read().await;
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             let Some(bytes) = connections.remove(id.as_bytes())? else {
                 return Err(ConflictableTransactionError::Abort(None));

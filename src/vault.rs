@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::broker::{Broker, CachedToken, Credentials, Slot};
-use crate::crypto::{DataKey, MasterKey};
+use crate::crypto::DataKey;
+use crate::keyring::Keyring;
 use crate::model::Environment;
 use crate::secret::SecretString;
 use crate::servicetitan::TokenError;
@@ -84,24 +85,30 @@ pub struct IssuedAccess {
 pub struct Vault {
     store: Store,
     broker: Arc<Broker>,
-    master_key: MasterKey,
+    /// Master keys: new data keys are wrapped under the newest, and each
+    /// record is unwrapped with the key it names.
+    keyring: Keyring,
     /// Serializes credential changes per connection, so a rotation's
     /// verification runs without a concurrent rotation racing it.
     change_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Vault {
-    pub fn new(store: Store, broker: Arc<Broker>, master_key: MasterKey) -> Self {
+    pub fn new(store: Store, broker: Arc<Broker>, keyring: impl Into<Keyring>) -> Self {
         Self {
             store,
             broker,
-            master_key,
+            keyring: keyring.into(),
             change_locks: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
@@ -176,8 +183,8 @@ impl Vault {
             created_at: now,
             updated_at: now,
             last_verified_at,
-            master_key_id: self.master_key.id().to_owned(),
-            wrapped_data_key: self.master_key.wrap(&id, &data_key),
+            master_key_id: self.keyring.newest().id().to_owned(),
+            wrapped_data_key: self.keyring.newest().wrap(&id, &data_key),
             versions: vec![seal_version(
                 &data_key,
                 &id,
@@ -255,12 +262,10 @@ impl Vault {
         })
     }
 
+    /// Unwraps a record's data key with the master key the record names.
     fn data_key(&self, record: &ConnectionRecord) -> Result<DataKey, VaultError> {
-        if record.master_key_id != self.master_key.id() {
-            return Err(VaultError::Integrity(record.id.clone()));
-        }
-        self.master_key
-            .unwrap(&record.id, &record.wrapped_data_key)
+        self.keyring
+            .unwrap_data_key(record)
             .map_err(|_| VaultError::Integrity(record.id.clone()))
     }
 

@@ -45,7 +45,12 @@ async fn observe<T>(
     );
     let started = Instant::now();
     let result = handler.instrument(span.clone()).await;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let latency = started.elapsed();
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    let code = result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
+    crate::metrics::record_rpc(method, code, latency);
     span.in_scope(|| match &result {
         Ok(_) => tracing::info!(code = "OK", latency_ms, "rpc finished"),
         Err(status) => tracing::info!(

@@ -14,7 +14,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::http::header::CONTENT_TYPE;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -47,12 +47,26 @@ struct CacheLabels {
     result: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 struct UpstreamLabels {
     environment: String,
     outcome: String,
-    /// Empty (so absent for Prometheus) unless tenant labels are enabled.
+    /// Empty, and then left out of the label set, unless tenant labels are
+    /// enabled.
     tenant_id: String,
+}
+
+impl EncodeLabelSet for UpstreamLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let mut labels = vec![
+            ("environment", self.environment.as_str()),
+            ("outcome", self.outcome.as_str()),
+        ];
+        if !self.tenant_id.is_empty() {
+            labels.push(("tenant_id", self.tenant_id.as_str()));
+        }
+        labels.encode(encoder)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -115,14 +115,22 @@ pub struct Store {
     connections: sled::Tree,
     tenant_index: sled::Tree,
     meta: sled::Tree,
-    /// Held shared by every write and exclusively by `snapshot`, so a
-    /// snapshot sees no write half done.
+    /// Held exclusively by transactions and `snapshot`, and shared by
+    /// single-key writes and flushes. A transaction waiting for sled's
+    /// commit lock blocks flushes that need its read lock, which hung the
+    /// server under concurrent registrations, so transactions never overlap
+    /// a flush; and a snapshot sees no write half done.
     write_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir.join(DB_DIR_NAME)).open()?;
+        // Every write flushes explicitly, so sled's own periodic flush, which
+        // would run outside `write_gate`, is turned off.
+        let db = sled::Config::new()
+            .path(dir.join(DB_DIR_NAME))
+            .flush_every_ms(None)
+            .open()?;
         Ok(Self {
             connections: db.open_tree(CONNECTIONS_TREE)?,
             tenant_index: db.open_tree(TENANT_INDEX_TREE)?,
@@ -162,7 +170,7 @@ impl Store {
     pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
         let index_key = tenant_key(record.environment, record.tenant_id);
         let bytes = encode(record);
-        let _writing = self.write_gate.read().await;
+        let exclusive = self.write_gate.write().await;
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             if let Some(existing) = index.get(&index_key)? {
                 return Err(ConflictableTransactionError::Abort(
@@ -173,6 +181,7 @@ impl Store {
             index.insert(index_key.as_slice(), record.id.as_bytes())?;
             Ok(())
         });
+        drop(exclusive);
         match result {
             Ok(()) => {}
             Err(TransactionError::Abort(existing_id)) => {
@@ -184,8 +193,7 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         }
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 
     /// Replaces a record if it is still exactly `previous`, so two writers
@@ -195,22 +203,22 @@ impl Store {
         previous: &ConnectionRecord,
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
-        let _writing = self.write_gate.read().await;
+        let writing = self.write_gate.read().await;
         let swapped = self.connections.compare_and_swap(
             next.id.as_bytes(),
             Some(encode(previous)),
             Some(encode(next)),
         )?;
+        drop(writing);
         if swapped.is_err() {
             return Err(StoreError::Conflict(next.id.clone()));
         }
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 
     /// Deletes a connection and its index entry atomically.
     pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, StoreError> {
-        let _writing = self.write_gate.read().await;
+        let exclusive = self.write_gate.write().await;
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             let Some(bytes) = connections.remove(id.as_bytes())? else {
                 return Err(ConflictableTransactionError::Abort(None));
@@ -222,6 +230,7 @@ impl Store {
             index.remove(tenant_key(record.environment, record.tenant_id))?;
             Ok(record)
         });
+        drop(exclusive);
         let record = match result {
             Ok(record) => record,
             Err(TransactionError::Abort(None)) => return Err(StoreError::NotFound(id.to_owned())),
@@ -233,7 +242,7 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
-        self.db.flush_async().await?;
+        self.flush().await?;
         Ok(record)
     }
 
@@ -276,8 +285,18 @@ impl Store {
         })
     }
 
+    /// Flushes every write so far to disk.
+    ///
+    /// sled 0.34's `flush_async` runs the blocking flush on sled's own small
+    /// IO thread pool; enough concurrent flushes occupy every pool thread
+    /// waiting for a log write that needs a pool thread, and the process
+    /// hangs. The flush runs on tokio's blocking pool instead.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let _flushing = self.write_gate.read().await;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .expect("a sled flush does not panic")?;
         Ok(())
     }
 }

@@ -33,15 +33,13 @@ impl Store {
     pub async fn put_check_value(&self, key_id: &str, sealed: &Sealed) -> Result<(), StoreError> {
         let name = format!("{CHECK_VALUE_PREFIX}{key_id}");
         self.meta.insert(name.as_bytes(), encode(sealed))?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 
     pub async fn remove_check_value(&self, key_id: &str) -> Result<(), StoreError> {
         let name = format!("{CHECK_VALUE_PREFIX}{key_id}");
         self.meta.remove(name.as_bytes())?;
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 
     /// Reads every record and check value while no write is in progress, so
@@ -73,7 +71,6 @@ impl Store {
         for record in &snapshot.connections {
             self.insert(record).await?;
         }
-        self.db.flush_async().await?;
-        Ok(())
+        self.flush().await
     }
 }

@@ -40,6 +40,7 @@ impl Admin for AdminService {
         let started = Instant::now();
         let snapshot = self.vault.store().snapshot().await.map_err(|e| {
             tracing::warn!(error = %e, "backup snapshot failed");
+            crate::metrics::record_rpc("CreateBackup", tonic::Code::Internal, started.elapsed());
             Status::internal("cannot read the data directory; see the server log")
         })?;
         let backup = Backup::new(snapshot);
@@ -50,6 +51,7 @@ impl Admin for AdminService {
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
             "backup snapshot taken"
         );
+        crate::metrics::record_rpc("CreateBackup", tonic::Code::Ok, started.elapsed());
         let chunks: Vec<Result<pb::BackupChunk, Status>> = bytes
             .chunks(CHUNK_SIZE)
             .map(|chunk| {

@@ -8,9 +8,9 @@
 //! sha256 <64 hex digits of SHA-256 over the two lines above>
 //! ```
 //!
-//! The snapshot holds connection records exactly as stored, so secrets stay
-//! sealed under the master keys; the keys themselves are not in the file and
-//! must be backed up separately. A file whose checksum line is missing or
+//! The snapshot contains connection records exactly as stored, so secrets
+//! stay sealed under the master keys. The keys themselves are not in the
+//! file and must be backed up separately. A file whose checksum line is missing or
 //! does not match is rejected whole.
 
 use std::io::Write;
@@ -89,6 +89,7 @@ impl Backup {
         if !bytes.starts_with(magic.as_bytes()) {
             return Err(BackupError::NotABackup);
         }
+
         let content = bytes.strip_suffix(b"\n").ok_or(BackupError::Truncated)?;
         let split = content
             .iter()
@@ -105,6 +106,7 @@ impl Backup {
         {
             return Err(BackupError::ChecksumMismatch);
         }
+
         let body = &covered[magic.len()..];
         let backup: Backup = serde_json::from_slice(body)
             .map_err(|e| BackupError::Malformed(format!("its content is not readable: {e}")))?;

@@ -25,10 +25,10 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
     pub data_dir: PathBuf,
 
-    /// File holding the master keyring: one base64 key (32 bytes) per line,
-    /// optionally preceded by its id, oldest first; new data is wrapped under
-    /// the last. It must not be readable by group or others.
-    /// STVAULT_MASTER_KEY may hold the same text instead.
+    /// File with the master keyring: one base64 key (32 bytes) per line,
+    /// optionally preceded by its id, oldest first. New data is wrapped under
+    /// the last key. The file must not be readable by group or others.
+    /// STVAULT_MASTER_KEY may contain the same text instead.
     #[arg(long, env = "STVAULT_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
 
@@ -71,6 +71,12 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
+    /// Address of a plaintext listener that serves only the gRPC health
+    /// service, for probes that cannot speak TLS (such as Kubernetes gRPC
+    /// probes), such as 0.0.0.0:8081. Off when unset.
+    #[arg(long, env = "STVAULT_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+
     /// Label upstream token request metrics with the tenant id, for at most
     /// 1000 tenants.
     #[arg(long, env = "STVAULT_METRICS_TENANT_LABELS")]
@@ -104,6 +110,7 @@ pub struct Config {
     pub broker: BrokerSettings,
     pub shutdown_grace: Duration,
     pub metrics: Option<MetricsSettings>,
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -176,6 +183,19 @@ impl Config {
                 }
             },
         };
+        let health_listen = match args.health_listen.as_deref().filter(|v| !v.is_empty()) {
+            None => None,
+            Some(value) => match value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    errors.push(
+                        "STVAULT_HEALTH_LISTEN: expected an address and port such as 0.0.0.0:8081"
+                            .into(),
+                    );
+                    None
+                }
+            },
+        };
         if args.metrics_tenant_labels && metrics_listen.is_none() {
             errors.push(
                 "STVAULT_METRICS_TENANT_LABELS is set but metrics are off; set STVAULT_METRICS_LISTEN too"
@@ -211,6 +231,7 @@ impl Config {
                 listen,
                 tenant_labels: args.metrics_tenant_labels,
             }),
+            health_listen,
         })
     }
 }

@@ -37,7 +37,7 @@ impl From<MasterKey> for Keyring {
     }
 }
 
-/// Why a record's data key could not be unwrapped.
+/// Failure to unwrap a record's data key.
 #[derive(Debug, thiserror::Error)]
 pub enum UnwrapError {
     #[error("master key {0} is not configured")]
@@ -176,7 +176,7 @@ fn generate_key_file(path: &Path) -> Result<MasterKey, String> {
 
 // === Startup check ===
 
-/// What the startup check found and changed.
+/// Findings and changes of the startup check.
 #[derive(Debug, Default)]
 pub struct KeyringCheck {
     /// Connections per configured master key id.

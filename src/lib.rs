@@ -52,6 +52,8 @@ pub struct Opened {
     pub shutdown_grace: Duration,
     /// The bound metrics listener, when metrics are enabled.
     pub metrics_listener: Option<TcpListener>,
+    /// The bound health-only listener, when enabled.
+    pub health_listener: Option<TcpListener>,
 }
 
 /// Locks the data directory, loads the master keyring, and checks that every
@@ -98,6 +100,20 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         }
         None => None,
     };
+    let health_listener = match config.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                StartupError(format!("cannot bind the health listener {addr}: {e}"))
+            })?;
+            let local = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(listen = %local, "health listening");
+            Some(listener)
+        }
+        None => None,
+    };
 
     let client =
         servicetitan::ServiceTitanClient::new(config.client.clone()).map_err(StartupError)?;
@@ -115,6 +131,7 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         lock,
         shutdown_grace: config.shutdown_grace,
         metrics_listener,
+        health_listener,
     })
 }
 
@@ -157,10 +174,23 @@ pub async fn serve(
         tokio::spawn(metrics::serve(listener, store.clone(), shutdown))
     });
 
+    let health_task = opened.health_listener.map(|listener| {
+        let mut stop = stop_requested.clone();
+        let health_only = tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            });
+        tokio::spawn(health_only)
+    });
+
     let signal = async move {
         shutdown.await;
         health_reporter
             .set_not_serving::<pb::credential_vault_server::CredentialVaultServer<api::VaultService>>()
+            .await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stopping.send(true);
     };
@@ -186,6 +216,9 @@ pub async fn serve(
         ),
     }
     if let Some(task) = metrics_task {
+        task.abort();
+    }
+    if let Some(task) = health_task {
         task.abort();
     }
     store

@@ -111,6 +111,7 @@ impl Metrics {
             "gRPC requests handled, by method and status code",
             rpc_requests.clone(),
         );
+
         let rpc_duration = HistogramFamily::new_with_constructor(latency_histogram as fn() -> _);
         registry.register_with_unit(
             "stvault_rpc_duration",
@@ -118,18 +119,21 @@ impl Metrics {
             Unit::Seconds,
             rpc_duration.clone(),
         );
+
         let token_cache = Family::default();
         registry.register(
             "stvault_token_cache_requests",
-            "Token lookups answered from the cache (hit) or by an upstream request (miss)",
+            "Token lookups served from the cache (hit) or needing an upstream request (miss)",
             token_cache.clone(),
         );
+
         let upstream_requests = Family::default();
         registry.register(
             "stvault_upstream_token_requests",
             "Token requests sent to ServiceTitan, by environment and outcome",
             upstream_requests.clone(),
         );
+
         let upstream_duration =
             HistogramFamily::new_with_constructor(latency_histogram as fn() -> _);
         registry.register_with_unit(
@@ -138,18 +142,21 @@ impl Metrics {
             Unit::Seconds,
             upstream_duration.clone(),
         );
+
         let connections = Family::default();
         registry.register(
             "stvault_connections",
             "Stored connections by environment and state, counted at scrape time",
             connections.clone(),
         );
+
         let audit_events = Counter::default();
         registry.register(
             "stvault_audit_events_written",
             "Audit events written durably",
             audit_events.clone(),
         );
+
         Self {
             registry,
             rpc_requests,
@@ -186,7 +193,7 @@ pub fn set_tenant_labels(enabled: bool) {
     METRICS.tenant_labels.store(enabled, Ordering::Relaxed);
 }
 
-/// Records one finished RPC; `code` is the gRPC code name such as "Ok".
+/// Records one finished RPC with its gRPC status code and latency.
 pub fn record_rpc(method: &str, code: tonic::Code, latency: Duration) {
     let metrics = &*METRICS;
     metrics
@@ -204,7 +211,7 @@ pub fn record_rpc(method: &str, code: tonic::Code, latency: Duration) {
         .observe(latency.as_secs_f64());
 }
 
-/// Records a token lookup answered from the cache (`hit`) or not.
+/// Records a token lookup served from the cache (`hit`) or not (`miss`).
 pub fn record_token_cache(hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     METRICS

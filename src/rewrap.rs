@@ -2,9 +2,9 @@
 //! be removed from the keyring.
 //!
 //! Each record is rewritten on its own with a compare-and-swap and flushed
-//! before the next, so a run killed at any point leaves every record wrapped
-//! under either its old key or the newest one, and running again finishes
-//! the rest. Records already under the newest key are skipped.
+//! before the next. A run killed at any point therefore leaves every record
+//! wrapped under either its old key or the newest one, and running again
+//! finishes the rest. Records already under the newest key are skipped.
 
 use crate::keyring::{self, Keyring};
 use crate::store::Store;

@@ -16,7 +16,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use crate::crypto::Sealed;
 use crate::model::Environment;
 
-/// Subdirectory of the data directory that holds the sled database.
+/// Subdirectory of the data directory with the sled database.
 pub const DB_DIR_NAME: &str = "db";
 const CONNECTIONS_TREE: &str = "connections";
 const TENANT_INDEX_TREE: &str = "tenant_index";
@@ -115,11 +115,11 @@ pub struct Store {
     connections: sled::Tree,
     tenant_index: sled::Tree,
     meta: sled::Tree,
-    /// Held exclusively by transactions and `snapshot`, and shared by
+    /// Lock held exclusively by transactions and `snapshot`, and shared by
     /// single-key writes and flushes. A transaction waiting for sled's
     /// commit lock blocks flushes that need its read lock, which hung the
     /// server under concurrent registrations, so transactions never overlap
-    /// a flush; and a snapshot sees no write half done.
+    /// a flush. A snapshot therefore reads no write half done.
     write_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
 }
 
@@ -288,9 +288,9 @@ impl Store {
     /// Flushes every write so far to disk.
     ///
     /// sled 0.34's `flush_async` runs the blocking flush on sled's own small
-    /// IO thread pool; enough concurrent flushes occupy every pool thread
-    /// waiting for a log write that needs a pool thread, and the process
-    /// hangs. The flush runs on tokio's blocking pool instead.
+    /// IO thread pool. Enough concurrent flushes occupy every pool thread
+    /// while they wait for a log write that needs a pool thread, so the
+    /// process hangs. The flush runs on tokio's blocking pool instead.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _flushing = self.write_gate.read().await;
         let db = self.db.clone();

@@ -672,6 +672,40 @@ async fn metrics_count_rpcs_cache_and_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn health_listener_serves_only_health() {
+    let fake = FakeServiceTitan::start().await;
+    let mut server =
+        Server::start_with(&fake, &fake, &[("STVAULT_HEALTH_LISTEN", "127.0.0.1:0")]).await;
+    let url = format!("http://{}", server.health_addr());
+    let channel = tonic::transport::Channel::from_shared(url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the health listener");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .expect("health check")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let mut vault = pb::credential_vault_client::CredentialVaultClient::connect(url)
+        .await
+        .unwrap();
+    let refused = vault
+        .list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .expect_err("the health listener served the vault");
+    assert_eq!(refused.code(), Code::Unimplemented);
+    assert!(server.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn json_log_format_writes_one_object_per_line() {
     let fake = FakeServiceTitan::start().await;
     add_apps(&fake, 1..=1, 1);
@@ -696,7 +730,7 @@ async fn json_log_format_writes_one_object_per_line() {
     assert!(!logs.contains(&secret(1, 0)), "a secret is in the logs");
 }
 
-/// What the crash loop sent for one tenant, and what it was told.
+/// Requests the crash loop sent for one tenant, and the responses it got.
 #[derive(Default)]
 struct TenantLedger {
     id: Option<String>,
@@ -791,10 +825,10 @@ async fn crash_loop_worker(
     }
 }
 
-/// Checks every tenant after a restart: acknowledged connections exist,
-/// exactly one version is current and none pending, the current version is
-/// at least the last acknowledged one and carries the secret sent for it,
-/// and its credentials decrypt into a token request.
+/// Checks every tenant after a restart. Acknowledged connections exist,
+/// with exactly one current version and none pending. The current version
+/// is at least the last acknowledged one and carries the secret sent for
+/// it, and its credentials decrypt into a token request.
 async fn check_crash_loop_state(server: &Server, fake: &FakeServiceTitan, ledger: &Ledger) {
     let mut client = server.client().await;
     let mut tenants: Vec<i64> = ledger.lock().unwrap().keys().copied().collect();

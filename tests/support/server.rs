@@ -192,6 +192,13 @@ impl Server {
         logged_addr(&log, "metrics listening").expect("the server logs its metrics address")
     }
 
+    /// Returns the address of the health-only listener logged by the last
+    /// start.
+    pub fn health_addr(&self) -> SocketAddr {
+        let log = std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default();
+        logged_addr(&log, "health listening").expect("the server logs its health address")
+    }
+
     /// Runs another `stvault` subcommand with this server's environment.
     pub fn run(&self, args: &[&str]) -> Output {
         run_stvault(args, &self.env)

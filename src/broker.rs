@@ -4,25 +4,54 @@
 //!
 //! Expiry is tracked on the monotonic clock (`tokio::time::Instant`), so a
 //! wall-clock step neither expires a token early nor keeps a dead one alive.
-//! The broker map's lock is never held across an upstream call.
+//! No lock is held across an upstream call, and tokens live in memory only.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::model::Environment;
 use crate::secret::SecretString;
-use crate::servicetitan::{ServiceTitanClient, TokenClaims, TokenError, TokenRequest};
+use crate::servicetitan::{IssuedToken, ServiceTitanClient, TokenClaims, TokenError, TokenRequest};
 
 /// Share of a token's lifetime after which it is refreshed in the background.
 const REFRESH_FRACTION: f64 = 0.75;
 /// Random spread around `REFRESH_FRACTION`, so connections registered
 /// together do not refresh together.
 const REFRESH_JITTER: f64 = 0.05;
+/// Token requests in flight at once per environment. Each environment has
+/// its own token endpoint, so a hanging one does not hold the other's
+/// permits. This bounds the sockets a cold start opens and keeps a burst of
+/// new connections from stampeding ServiceTitan, which throttles token
+/// requests without publishing the limit.
+pub const MAX_CONCURRENT_TOKEN_REQUESTS: usize = 64;
+
+/// Source of new tokens: ServiceTitan in production, a scripted source in
+/// tests that need paused time.
+pub trait TokenSource: Send + Sync + 'static {
+    /// Requests a new access token for `credentials`.
+    fn request_token<'a>(
+        &'a self,
+        credentials: &'a Credentials,
+    ) -> BoxFuture<'a, Result<IssuedToken, TokenError>>;
+}
+
+impl TokenSource for ServiceTitanClient {
+    fn request_token<'a>(
+        &'a self,
+        credentials: &'a Credentials,
+    ) -> BoxFuture<'a, Result<IssuedToken, TokenError>> {
+        Box::pin(async move {
+            ServiceTitanClient::request_token(self, &credentials.token_request()).await
+        })
+    }
+}
 
 /// Decrypted credentials of one connection at one credential version. They
 /// live in memory only, for as long as the connection's cache entry does.
@@ -62,13 +91,16 @@ pub struct CachedToken {
 }
 
 impl CachedToken {
-    fn from_issued(issued: crate::servicetitan::IssuedToken, now: Instant) -> Self {
+    /// Builds a cache entry for a token requested at `requested` (monotonic)
+    /// and `requested_wall`, so its expiry errs on the early side by the
+    /// request's duration.
+    fn from_issued(issued: IssuedToken, requested: Instant, requested_wall: SystemTime) -> Self {
         let jitter = rand::thread_rng().gen_range(-REFRESH_JITTER..=REFRESH_JITTER);
         let refresh_after = issued.expires_in.mul_f64(REFRESH_FRACTION + jitter);
         Self {
-            expires_at: now + issued.expires_in,
-            expires_at_wall: SystemTime::now() + issued.expires_in,
-            refresh_at: now + refresh_after,
+            expires_at: requested + issued.expires_in,
+            expires_at_wall: requested_wall + issued.expires_in,
+            refresh_at: requested + refresh_after,
             lifetime: issued.expires_in,
             access_token: issued.access_token,
             token_type: issued.token_type,
@@ -82,7 +114,21 @@ impl CachedToken {
     /// reused rather than fetched on every call.
     fn satisfies(&self, min_valid_for: Duration, now: Instant) -> bool {
         let required = min_valid_for.min(self.lifetime / 2);
-        self.expires_at.saturating_duration_since(now) >= required.max(Duration::from_millis(1))
+        self.remaining(now) >= required.max(Duration::from_millis(1))
+    }
+
+    /// Returns the time left before the token expires, zero once it has.
+    pub fn remaining(&self, now: Instant) -> Duration {
+        self.expires_at.saturating_duration_since(now)
+    }
+
+    fn is_expired(&self, now: Instant) -> bool {
+        self.remaining(now).is_zero()
+    }
+
+    /// Returns when the next background refresh is due.
+    pub fn refresh_at(&self) -> Instant {
+        self.refresh_at
     }
 }
 
@@ -105,7 +151,37 @@ pub struct Slot {
 struct SlotState {
     token: Option<Arc<CachedToken>>,
     inflight: Option<watch::Receiver<Option<FetchResult>>>,
-    cooldown: Option<(Instant, TokenError)>,
+    cooldown: Option<Cooldown>,
+}
+
+/// A failed token request, whose error is returned from memory until `until`.
+struct Cooldown {
+    until: Instant,
+    error: TokenError,
+}
+
+impl Cooldown {
+    /// Returns the error for a caller at `now`; a rate limit reports the wait
+    /// still left rather than the one ServiceTitan named.
+    fn error_at(&self, now: Instant) -> TokenError {
+        match self.error {
+            TokenError::RateLimited { .. } => {
+                let left = self.until.saturating_duration_since(now);
+                TokenError::RateLimited {
+                    retry_after: Duration::from_secs(left.as_secs_f64().ceil().max(1.0) as u64),
+                }
+            }
+            ref other => other.clone(),
+        }
+    }
+}
+
+impl Slot {
+    /// Returns the cached token unless it has expired, whatever its margin.
+    fn unexpired_token(&self, now: Instant) -> Option<Arc<CachedToken>> {
+        let state = self.state.lock().expect("slot lock is never poisoned");
+        state.token.clone().filter(|token| !token.is_expired(now))
+    }
 }
 
 /// What a caller learns from the cache without waiting.
@@ -122,20 +198,71 @@ struct Entry {
     slot: Option<Arc<Slot>>,
 }
 
+/// Credentials that ServiceTitan rejected with `invalid_client` on a token
+/// request.
+pub struct RejectedCredentials {
+    pub connection_id: String,
+    pub version: u32,
+}
+
+/// Rejections queued for the health checker. A full queue drops new ones,
+/// which is rare because a connection's token requests fail at most once
+/// per failure cooldown.
+const REJECTION_QUEUE: usize = 1024;
+
 pub struct Broker {
+    /// Client for verification probes; tokens come from `source`.
     client: ServiceTitanClient,
+    source: Arc<dyn TokenSource>,
     settings: BrokerSettings,
     entries: Mutex<HashMap<String, Entry>>,
-    upstream_requests: std::sync::atomic::AtomicU64,
+    /// Permits for token requests, one semaphore per environment.
+    permits: [Semaphore; 2],
+    upstream_requests: AtomicU64,
+    rejections: std::sync::OnceLock<tokio::sync::mpsc::Sender<RejectedCredentials>>,
 }
 
 impl Broker {
+    /// Creates a broker that requests tokens from ServiceTitan through `client`.
     pub fn new(client: ServiceTitanClient, settings: BrokerSettings) -> Self {
+        let source = Arc::new(client.clone());
+        Self::with_token_source(client, source, settings)
+    }
+
+    /// Creates a broker that requests tokens from `source`, keeping `client`
+    /// for verification.
+    pub fn with_token_source(
+        client: ServiceTitanClient,
+        source: Arc<dyn TokenSource>,
+        settings: BrokerSettings,
+    ) -> Self {
         Self {
             client,
+            source,
             settings,
             entries: Mutex::new(HashMap::new()),
-            upstream_requests: Default::default(),
+            permits: [
+                Semaphore::new(MAX_CONCURRENT_TOKEN_REQUESTS),
+                Semaphore::new(MAX_CONCURRENT_TOKEN_REQUESTS),
+            ],
+            upstream_requests: AtomicU64::new(0),
+            rejections: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Returns the receiver of rejected credentials, or `None` if it was
+    /// already taken.
+    pub fn take_rejections(&self) -> Option<tokio::sync::mpsc::Receiver<RejectedCredentials>> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(REJECTION_QUEUE);
+        self.rejections.set(sender).ok().map(|()| receiver)
+    }
+
+    fn report_rejection(&self, credentials: &Credentials) {
+        if let Some(sender) = self.rejections.get() {
+            let _ = sender.try_send(RejectedCredentials {
+                connection_id: credentials.connection_id.clone(),
+                version: credentials.version,
+            });
         }
     }
 
@@ -145,8 +272,7 @@ impl Broker {
 
     /// Returns the number of token requests this broker has sent.
     pub fn upstream_requests(&self) -> u64 {
-        self.upstream_requests
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.upstream_requests.load(Ordering::Relaxed)
     }
 
     /// Returns the cached slot of a connection, if any, and the epoch to pass
@@ -195,6 +321,11 @@ impl Broker {
 
     /// Returns a token with at least `min_valid_for` left (see
     /// `CachedToken::satisfies`), fetching one if needed.
+    ///
+    /// Two cases return less. A freshly issued token is returned even when
+    /// ServiceTitan granted less than `min_valid_for`, because asking again
+    /// would get no more. While ServiceTitan fails, the cached token is
+    /// returned until it expires, rather than the error.
     pub async fn token(self: &Arc<Self>, slot: &Arc<Slot>, min_valid_for: Duration) -> FetchResult {
         loop {
             let mut receiver = match self.lookup(slot, min_valid_for) {
@@ -202,46 +333,56 @@ impl Broker {
                 Lookup::Wait(receiver) => receiver,
             };
             let result = match receiver.wait_for(Option::is_some).await {
-                Ok(value) => value.clone().expect("waited for Some"),
+                Ok(value) => value
+                    .clone()
+                    .expect("wait_for returns only once the value is Some"),
                 // The fetch task ended without sending, which happens only if
-                // it panicked; look again and start a new request.
+                // it panicked; `lookup` then starts a new request.
                 Err(_) => continue,
             };
-            match result {
-                Ok(token) if token.satisfies(min_valid_for, Instant::now()) => return Ok(token),
-                Ok(_) => continue,
-                Err(error) => return Err(error),
-            }
+            let now = Instant::now();
+            return match result {
+                Ok(token) if token.is_expired(now) => Err(TokenError::InvalidResponse(
+                    "the token expired before it could be handed out".to_owned(),
+                )),
+                Ok(token) => Ok(token),
+                Err(error) => slot.unexpired_token(now).ok_or(error),
+            };
         }
     }
 
     fn lookup(self: &Arc<Self>, slot: &Arc<Slot>, min_valid_for: Duration) -> Lookup {
         let now = Instant::now();
         let mut state = slot.state.lock().expect("slot lock is never poisoned");
-        let cooling = match &state.cooldown {
-            Some((until, _)) if now < *until => true,
-            Some(_) => {
-                state.cooldown = None;
-                false
-            }
-            None => false,
-        };
+        if state.cooldown.as_ref().is_some_and(|c| now >= c.until) {
+            state.cooldown = None;
+        }
+        // A closed channel means the fetch task panicked before it sent.
+        let inflight = state
+            .inflight
+            .clone()
+            .filter(|receiver| receiver.has_changed().is_ok());
 
         if let Some(token) = state.token.clone() {
             if token.satisfies(min_valid_for, now) {
-                if now >= token.refresh_at && state.inflight.is_none() && !cooling {
+                if now >= token.refresh_at && inflight.is_none() && state.cooldown.is_none() {
                     self.start_fetch(slot, &mut state);
                 }
                 crate::metrics::record_token_cache(true);
                 return Lookup::Ready(Ok(token));
             }
         }
-        if let Some((_, error)) = &state.cooldown {
-            return Lookup::Ready(Err(error.clone()));
+        if let Some(cooldown) = &state.cooldown {
+            // ServiceTitan is failing: a token that has not expired is still
+            // more use to the caller than the error.
+            return match state.token.clone().filter(|t| !t.is_expired(now)) {
+                Some(token) => Lookup::Ready(Ok(token)),
+                None => Lookup::Ready(Err(cooldown.error_at(now))),
+            };
         }
         crate::metrics::record_token_cache(false);
-        match &state.inflight {
-            Some(receiver) => Lookup::Wait(receiver.clone()),
+        match inflight {
+            Some(receiver) => Lookup::Wait(receiver),
             None => Lookup::Wait(self.start_fetch(slot, &mut state)),
         }
     }
@@ -258,55 +399,79 @@ impl Broker {
         let broker = self.clone();
         let slot = slot.clone();
         tokio::spawn(async move {
-            broker
-                .upstream_requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let started = Instant::now();
-            let result = broker
-                .client
-                .request_token(&slot.credentials.token_request())
-                .await
-                .map(|issued| Arc::new(CachedToken::from_issued(issued, started)));
-            let credentials = &slot.credentials;
-            crate::metrics::record_upstream_token(
-                credentials.environment,
-                credentials.tenant_id,
-                &result,
-                started.elapsed(),
-            );
-            let connection_id = &slot.credentials.connection_id;
-            match &result {
-                Ok(token) => tracing::debug!(
-                    connection.id = %connection_id,
-                    lifetime_s = token.lifetime.as_secs(),
-                    "token issued"
-                ),
-                Err(error) => tracing::warn!(
-                    connection.id = %connection_id,
-                    tenant.id = slot.credentials.tenant_id,
-                    %error,
-                    "token request failed"
-                ),
-            }
-            {
-                let mut state = slot.state.lock().expect("slot lock is never poisoned");
-                state.inflight = None;
-                match &result {
-                    Ok(token) => {
-                        state.token = Some(token.clone());
-                        state.cooldown = None;
-                    }
-                    Err(error) => {
-                        let wait = match error {
-                            TokenError::RateLimited { retry_after } => *retry_after,
-                            _ => broker.settings.failure_cooldown,
-                        };
-                        state.cooldown = Some((Instant::now() + wait, error.clone()));
-                    }
-                }
-            }
+            let result = broker.fetch(&slot.credentials).await;
+            broker.record(&slot, &result);
+            // Waiters may all have given up; the result is cached regardless.
             let _ = sender.send(Some(result));
         });
         receiver
+    }
+
+    /// Requests a token once a permit of the connection's environment is free.
+    async fn fetch(&self, credentials: &Credentials) -> FetchResult {
+        let permits = match credentials.environment {
+            Environment::Production => &self.permits[0],
+            Environment::Integration => &self.permits[1],
+        };
+        let _permit = permits
+            .acquire()
+            .await
+            .expect("the broker never closes its semaphores");
+        self.upstream_requests.fetch_add(1, Ordering::Relaxed);
+        let requested = Instant::now();
+        let requested_wall = SystemTime::now();
+        let result = self.source.request_token(credentials).await;
+        crate::metrics::record_upstream_token(
+            credentials.environment,
+            credentials.tenant_id,
+            &result,
+            requested.elapsed(),
+        );
+        let connection_id = &credentials.connection_id;
+        match &result {
+            Ok(issued) => tracing::debug!(
+                connection.id = %connection_id,
+                lifetime_s = issued.expires_in.as_secs(),
+                "token issued"
+            ),
+            Err(error) => tracing::warn!(
+                connection.id = %connection_id,
+                tenant.id = credentials.tenant_id,
+                %error,
+                "token request failed"
+            ),
+        }
+        if let Err(TokenError::Rejected {
+            error: crate::servicetitan::OAuthError::InvalidClient,
+            ..
+        }) = &result
+        {
+            self.report_rejection(credentials);
+        }
+        result.map(|issued| Arc::new(CachedToken::from_issued(issued, requested, requested_wall)))
+    }
+
+    /// Stores a fetch result in the slot: a token replaces the cached one, a
+    /// failure starts the cooldown. Either way the request is no longer in
+    /// flight, so the first call after the cooldown tries again.
+    fn record(&self, slot: &Slot, result: &FetchResult) {
+        let mut state = slot.state.lock().expect("slot lock is never poisoned");
+        state.inflight = None;
+        match result {
+            Ok(token) => {
+                state.token = Some(token.clone());
+                state.cooldown = None;
+            }
+            Err(error) => {
+                let wait = match error {
+                    TokenError::RateLimited { retry_after } => *retry_after,
+                    _ => self.settings.failure_cooldown,
+                };
+                state.cooldown = Some(Cooldown {
+                    until: Instant::now() + wait,
+                    error: error.clone(),
+                });
+            }
+        }
     }
 }

@@ -80,12 +80,19 @@ pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
         "rewrapped {} connections under master key {newest}; {} already used it",
         report.rewrapped, report.already_current
     );
+    if !report.skipped.is_empty() {
+        println!(
+            "{} connections fail integrity checks and were left as they are: {}",
+            report.skipped.len(),
+            report.skipped.join(", ")
+        );
+    }
     if report.remaining > 0 {
         println!(
             "{} connections still use older keys; run stvault rewrap again",
             report.remaining
         );
-    } else {
+    } else if report.skipped.is_empty() {
         let older: Vec<&str> = keyring.ids().filter(|id| *id != newest).collect();
         if !older.is_empty() {
             println!(

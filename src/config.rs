@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::broker::BrokerSettings;
+use crate::health::HealthSettings;
 use crate::servicetitan::{self, ClientConfig, Endpoints};
 
 pub const ENV_MASTER_KEY: &str = "STVAULT_MASTER_KEY";
@@ -56,10 +57,19 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_UPSTREAM_TIMEOUT", default_value = "10s")]
     pub upstream_timeout: String,
 
-    /// How long a failed token request is answered from memory before the
-    /// next call tries ServiceTitan again (429 answers use their Retry-After).
+    /// How long callers get the error of a failed token request before the
+    /// next call tries ServiceTitan again. A 429 uses its Retry-After instead.
     #[arg(long, env = "STVAULT_TOKEN_FAILURE_COOLDOWN", default_value = "2s")]
     pub token_failure_cooldown: String,
+
+    /// Time between two background verifications of each connection, such
+    /// as "15m", or "off". Each costs one token request and ten API calls.
+    #[arg(long, env = "STVAULT_HEALTH_CHECK_INTERVAL", default_value = "15m")]
+    pub health_check_interval: String,
+
+    /// Maximum background verifications running at once.
+    #[arg(long, env = "STVAULT_HEALTH_CHECK_CONCURRENCY", default_value_t = 4)]
+    pub health_check_concurrency: usize,
 
     /// After SIGTERM or SIGINT, how long in-flight RPCs may take to finish
     /// before open connections are closed, such as "10s".
@@ -108,6 +118,7 @@ pub struct Config {
     pub master_key: MasterKeySource,
     pub client: ClientConfig,
     pub broker: BrokerSettings,
+    pub health: HealthSettings,
     pub shutdown_grace: Duration,
     pub metrics: Option<MetricsSettings>,
     pub health_listen: Option<SocketAddr>,
@@ -203,6 +214,19 @@ impl Config {
             );
         }
 
+        let health_interval = match parse_check_interval(&args.health_check_interval) {
+            Ok(interval) => Some(interval),
+            Err(message) => {
+                errors.push(format!("STVAULT_HEALTH_CHECK_INTERVAL: {message}"));
+                None
+            }
+        };
+        if !(1..=MAX_HEALTH_CHECK_CONCURRENCY).contains(&args.health_check_concurrency) {
+            errors.push(format!(
+                "STVAULT_HEALTH_CHECK_CONCURRENCY: must be between 1 and {MAX_HEALTH_CHECK_CONCURRENCY}"
+            ));
+        }
+
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -225,6 +249,10 @@ impl Config {
             },
             broker: BrokerSettings {
                 failure_cooldown: cooldown.expect(unwrap),
+            },
+            health: HealthSettings {
+                interval: health_interval.expect(unwrap),
+                concurrency: args.health_check_concurrency,
             },
             shutdown_grace: shutdown_grace.expect(unwrap),
             metrics: metrics_listen.map(|listen| MetricsSettings {
@@ -262,6 +290,27 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err(format!("{value:?} must be between 1ms and 10m"));
     }
     Ok(duration)
+}
+
+/// Bounds of the health check interval. Intervals under a minute suit only
+/// tests against a fake ServiceTitan.
+const MIN_HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(24 * 60 * 60);
+const MAX_HEALTH_CHECK_CONCURRENCY: usize = 64;
+
+/// Parses the health check interval; "off" disables the checker.
+fn parse_check_interval(value: &str) -> Result<Option<Duration>, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let interval = humantime::parse_duration(value)
+        .map_err(|_| format!("{value:?} is not a duration such as \"15m\", or \"off\""))?;
+    if !(MIN_HEALTH_CHECK_INTERVAL..=MAX_HEALTH_CHECK_INTERVAL).contains(&interval) {
+        return Err(format!(
+            "{value:?} must be between 100ms and 24h, or \"off\""
+        ));
+    }
+    Ok(Some(interval))
 }
 
 /// Refuses a key file that group or others can read or write.

@@ -184,6 +184,18 @@ pub struct KeyringCheck {
     /// Keys no longer configured and no longer used, whose check values
     /// were removed.
     pub retired_key_ids: Vec<String>,
+    /// Connections whose record is unreadable or whose data key fails
+    /// authentication under the key it names. They stay stored, and using
+    /// them fails with an integrity error.
+    pub undecryptable: Vec<String>,
+}
+
+impl KeyringCheck {
+    /// Describes `undecryptable` for a startup warning, listing at most
+    /// `MAX_LISTED_CONNECTIONS` ids.
+    pub fn describe_undecryptable(&self) -> String {
+        list_ids(self.undecryptable.iter().map(String::as_str))
+    }
 }
 
 /// Checks the keyring against a data directory before serving:
@@ -191,9 +203,11 @@ pub struct KeyringCheck {
 /// - every configured key with a stored check value must open it, and when
 ///   the directory has check values at least one configured key must match,
 ///   so a wrong key file is rejected even for a directory without records;
-/// - every connection's data key must unwrap with the key it names, and the
-///   error lists the connections that do not, with the count per missing key,
-///   so removing a key still in use is rejected;
+/// - every connection must name a configured key, and the error counts the
+///   connections per missing key, so removing a key still in use is
+///   rejected;
+/// - connections that are unreadable or whose data key fails authentication
+///   are returned in `undecryptable`, for the caller to report;
 /// - configured keys get a check value, and check values of keys that are
 ///   neither configured nor used are removed.
 pub async fn check(store: &Store, keyring: &Keyring) -> Result<KeyringCheck, String> {
@@ -214,19 +228,31 @@ pub async fn check(store: &Store, keyring: &Keyring) -> Result<KeyringCheck, Str
     }
     if !stored.is_empty() && !any_matches {
         let stored_ids: Vec<&str> = stored.iter().map(|(id, _)| id.as_str()).collect();
+        let configured: Vec<&str> = keyring.ids().collect();
+        let subject = match configured.as_slice() {
+            [one] => format!("the configured master key ({one}) is not the key"),
+            many => format!(
+                "none of the configured master keys ({}) is a key",
+                many.join(", ")
+            ),
+        };
         return Err(format!(
-            "none of the configured master keys ({}) is a key this data directory was written with ({}); \
-             configure the original key",
-            keyring.ids().collect::<Vec<_>>().join(", "),
+            "{subject} this data directory was written with ({}); configure the original key",
             stored_ids.join(", ")
         ));
     }
 
     let mut report = KeyringCheck::default();
     let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut unreadable: Vec<String> = Vec::new();
     for record in store.iter() {
-        let record = record.map_err(read_error)?;
+        let record = match record {
+            Ok(record) => record,
+            Err(StoreError::Corrupt { key, .. }) => {
+                report.undecryptable.push(key);
+                continue;
+            }
+            Err(e) => return Err(read_error(e)),
+        };
         match keyring.unwrap_data_key(&record) {
             Ok(_) => {
                 *report
@@ -237,11 +263,11 @@ pub async fn check(store: &Store, keyring: &Keyring) -> Result<KeyringCheck, Str
             Err(UnwrapError::UnknownKey(key_id)) => {
                 missing.entry(key_id).or_default().push(record.id)
             }
-            Err(UnwrapError::Integrity(_)) => unreadable.push(record.id),
+            Err(UnwrapError::Integrity(_)) => report.undecryptable.push(record.id),
         }
     }
-    if !missing.is_empty() || !unreadable.is_empty() {
-        return Err(describe_unreadable(&missing, &unreadable));
+    if !missing.is_empty() {
+        return Err(describe_missing_keys(&missing));
     }
 
     for key in keyring.keys() {
@@ -269,38 +295,33 @@ pub async fn check(store: &Store, keyring: &Keyring) -> Result<KeyringCheck, Str
     Ok(report)
 }
 
-fn describe_unreadable(missing: &BTreeMap<String, Vec<String>>, unreadable: &[String]) -> String {
-    let mut parts = Vec::new();
-    for (key_id, ids) in missing {
-        parts.push(format!(
-            "{} connections use master key {key_id}, which is not configured: put it back in the keyring, \
-             and run `stvault rewrap` before removing it",
-            ids.len()
-        ));
-    }
-    if !unreadable.is_empty() {
-        parts.push(format!(
-            "{} connections have a data key that fails authentication under its master key",
-            unreadable.len()
-        ));
-    }
-    let ids: Vec<&str> = missing
-        .values()
-        .flatten()
-        .chain(unreadable)
-        .map(String::as_str)
+fn describe_missing_keys(missing: &BTreeMap<String, Vec<String>>) -> String {
+    let parts: Vec<String> = missing
+        .iter()
+        .map(|(key_id, ids)| {
+            format!(
+                "{} connections use master key {key_id}, which is not configured",
+                ids.len()
+            )
+        })
         .collect();
-    let listed = ids[..ids.len().min(MAX_LISTED_CONNECTIONS)].join(", ");
-    let more = ids.len().saturating_sub(MAX_LISTED_CONNECTIONS);
-    let tail = if more > 0 {
-        format!(" and {more} more")
-    } else {
-        String::new()
-    };
     format!(
-        "{}; connections that cannot be decrypted: {listed}{tail}",
-        parts.join("; ")
+        "{}; put the key back in the keyring, and run `stvault rewrap` before removing it; \
+         connections that need it: {}",
+        parts.join("; "),
+        list_ids(missing.values().flatten().map(String::as_str))
     )
+}
+
+/// Joins connection ids, at most `MAX_LISTED_CONNECTIONS` of them, then
+/// counts the rest.
+fn list_ids<'a>(ids: impl Iterator<Item = &'a str>) -> String {
+    let ids: Vec<&str> = ids.collect();
+    let listed = ids[..ids.len().min(MAX_LISTED_CONNECTIONS)].join(", ");
+    match ids.len().saturating_sub(MAX_LISTED_CONNECTIONS) {
+        0 => listed,
+        more => format!("{listed} and {more} more"),
+    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(
+        production.token_url = %config.client.production.token_url,
+        production.api_url = %config.client.production.api_url,
+        integration.token_url = %config.client.integration.token_url,
+        integration.api_url = %config.client.integration.api_url,
+        "ServiceTitan endpoints"
+    );
+    tracing::info!(
         listen = %local,
         data_dir = %config.data_dir.display(),
         connections = opened.vault.store().len(),

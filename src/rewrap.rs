@@ -7,7 +7,7 @@
 //! finishes the rest. Records already under the newest key are skipped.
 
 use crate::keyring::{self, Keyring};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Records rewrapped between progress lines.
 const PROGRESS_EVERY: usize = 100;
@@ -20,6 +20,9 @@ pub struct RewrapReport {
     pub already_current: usize,
     /// Records still under an older key because `limit` was reached.
     pub remaining: usize,
+    /// Records left as they are because they are unreadable or their data
+    /// key fails authentication.
+    pub skipped: Vec<String>,
 }
 
 /// Rewraps the data key of every record not under the newest master key,
@@ -30,12 +33,22 @@ pub async fn rewrap(
     keyring: &Keyring,
     limit: Option<usize>,
 ) -> Result<RewrapReport, String> {
-    keyring::check(store, keyring).await?;
+    let checked = keyring::check(store, keyring).await?;
     let newest = keyring.newest();
-    let mut report = RewrapReport::default();
+    let mut report = RewrapReport {
+        skipped: checked.undecryptable.clone(),
+        ..RewrapReport::default()
+    };
     let mut pending = Vec::new();
     for record in store.iter() {
-        let record = record.map_err(|e| format!("cannot read the data directory: {e}"))?;
+        let record = match record {
+            Ok(record) => record,
+            Err(StoreError::Corrupt { .. }) => continue,
+            Err(e) => return Err(format!("cannot read the data directory: {e}")),
+        };
+        if report.skipped.contains(&record.id) {
+            continue;
+        }
         if record.master_key_id == newest.id() {
             report.already_current += 1;
         } else {
@@ -56,7 +69,7 @@ pub async fn rewrap(
             continue;
         }
         let read_error = |e| format!("cannot read connection {id}: {e}");
-        let Some(record) = store.get(&id).map_err(read_error)? else {
+        let Some((stored_bytes, record)) = store.get_with_bytes(&id).map_err(read_error)? else {
             continue;
         };
         let data_key = keyring
@@ -66,7 +79,7 @@ pub async fn rewrap(
         next.master_key_id = newest.id().to_owned();
         next.wrapped_data_key = newest.wrap(&id, &data_key);
         store
-            .replace(&record, &next)
+            .replace(&stored_bytes, &next)
             .await
             .map_err(|e| format!("cannot rewrite connection {id}: {e}"))?;
         report.rewrapped += 1;

@@ -17,11 +17,12 @@ use crate::secret::SecretString;
 
 /// Upper bound on an upstream body read into memory.
 const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Longest token lifetime accepted; ServiceTitan issues 900-second tokens.
+/// Maximum token lifetime accepted, in seconds. ServiceTitan documents
+/// 900-second tokens, so a day leaves ample room.
 const MAX_EXPIRES_IN_SECS: i64 = 24 * 60 * 60;
 /// Wait assumed after a 429 that names no delay.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// Longest rate-limit wait honoured, so a bogus header cannot park a
+/// Maximum rate-limit wait honoured, so a bogus header cannot park a
 /// connection for days.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
@@ -83,10 +84,10 @@ pub enum TokenError {
     /// HTTP 429: ServiceTitan throttles new-token requests.
     #[error("ServiceTitan is rate limiting token requests; retry after {} s", retry_after.as_secs())]
     RateLimited { retry_after: Duration },
-    /// Timeouts, connection failures and 5xx answers.
+    /// Timeouts, connection failures and 5xx responses.
     #[error("ServiceTitan is unavailable: {0}")]
     Unavailable(String),
-    /// An answer that is not a usable token response.
+    /// A response that is not a usable token response.
     #[error("ServiceTitan returned an invalid token response: {0}")]
     InvalidResponse(String),
 }
@@ -168,7 +169,7 @@ pub struct TokenRequest<'a> {
 pub enum ProbeOutcome {
     Ok,
     /// HTTP 401; `subscription_key` is true when the body is the API
-    /// gateway's answer for a missing or invalid subscription (app) key.
+    /// gateway's response for a missing or invalid subscription (app) key.
     Unauthorized {
         subscription_key: bool,
     },
@@ -401,6 +402,11 @@ fn parse_token(body: &[u8]) -> Result<IssuedToken, TokenError> {
         Some(token) if !token.is_empty() => SecretString::new(token),
         _ => return Err(invalid("access_token is missing")),
     };
+    if !is_bearer_token(access_token.expose()) {
+        return Err(invalid(
+            "access_token contains characters not allowed in a bearer token",
+        ));
+    }
     let expires_in = parse_expires_in(response.expires_in.as_ref()).map_err(|r| invalid(&r))?;
     let token_type = response.token_type.unwrap_or_else(|| "Bearer".to_owned());
     if !token_type.eq_ignore_ascii_case("bearer") {
@@ -413,6 +419,16 @@ fn parse_token(body: &[u8]) -> Result<IssuedToken, TokenError> {
         expires_in,
         claims,
     })
+}
+
+/// Checks the RFC 6750 `b64token` syntax, so a token with control characters
+/// or spaces is never handed to callers that put it in an HTTP header.
+fn is_bearer_token(token: &str) -> bool {
+    let body = token.trim_end_matches('=');
+    !body.is_empty()
+        && body.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/')
+        })
 }
 
 /// Accepts a positive whole number of seconds, as a JSON number or a numeric
@@ -572,6 +588,15 @@ mod tests {
             classify_token_response(200, None, br#"{"expires_in":900}"#),
             Err(TokenError::InvalidResponse(_))
         ));
+    }
+
+    #[test]
+    fn access_token_syntax_is_checked() {
+        assert!(is_bearer_token("eyJhbGciOi.eyJzdWIi.c2ln"));
+        assert!(is_bearer_token("abc+/~_-.=="));
+        for bad in ["", "tok\r\nX-Evil: 1", "a b", "tok\u{0}", "===", "é"] {
+            assert!(!is_bearer_token(bad), "{bad:?} accepted");
+        }
     }
 
     #[test]

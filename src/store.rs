@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::crypto::Sealed;
+use crate::health::Health;
 use crate::model::Environment;
 
 /// Subdirectory of the data directory with the sled database.
@@ -50,6 +52,9 @@ pub struct ConnectionRecord {
     pub wrapped_data_key: Sealed,
     /// Credential versions, oldest first. Exactly one is current.
     pub versions: Vec<CredentialVersion>,
+    /// Result of the last verification; `None` until the first one.
+    #[serde(default)]
+    pub health: Option<Health>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,18 +120,18 @@ pub struct Store {
     connections: sled::Tree,
     tenant_index: sled::Tree,
     meta: sled::Tree,
-    /// Lock held exclusively by transactions and `snapshot`, and shared by
-    /// single-key writes and flushes. A transaction waiting for sled's
-    /// commit lock blocks flushes that need its read lock, which hung the
-    /// server under concurrent registrations, so transactions never overlap
-    /// a flush. A snapshot therefore reads no write half done.
-    write_gate: std::sync::Arc<tokio::sync::RwLock<()>>,
+    /// Held by every write from its first change through its flush. sled
+    /// 0.34 deadlocks when a transaction waits for its exclusive lock while
+    /// several `flush_async` calls hold and wait for the shared one, which
+    /// concurrent RegisterConnection calls reached within seconds.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // Every write flushes explicitly, so sled's own periodic flush, which
-        // would run outside `write_gate`, is turned off.
+        // Every write flushes before it returns, so sled's background
+        // flusher would add nothing but another party to the deadlock that
+        // `writes` prevents.
         let db = sled::Config::new()
             .path(dir.join(DB_DIR_NAME))
             .flush_every_ms(None)
@@ -135,8 +140,8 @@ impl Store {
             connections: db.open_tree(CONNECTIONS_TREE)?,
             tenant_index: db.open_tree(TENANT_INDEX_TREE)?,
             meta: db.open_tree(META_TREE)?,
-            write_gate: Default::default(),
             db,
+            writes: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -149,8 +154,20 @@ impl Store {
     }
 
     pub fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        Ok(self.get_with_bytes(id)?.map(|(_, record)| record))
+    }
+
+    /// Returns a record with the exact bytes it was read from, for a later
+    /// `replace`.
+    pub fn get_with_bytes(
+        &self,
+        id: &str,
+    ) -> Result<Option<(sled::IVec, ConnectionRecord)>, StoreError> {
         match self.connections.get(id.as_bytes())? {
-            Some(bytes) => Ok(Some(decode(id, &bytes)?)),
+            Some(bytes) => {
+                let record = decode_record(id.as_bytes(), &bytes)?;
+                Ok(Some((bytes, record)))
+            }
             None => Ok(None),
         }
     }
@@ -160,17 +177,42 @@ impl Store {
         environment: Environment,
         tenant_id: i64,
     ) -> Result<Option<ConnectionRecord>, StoreError> {
-        match self.tenant_index.get(tenant_key(environment, tenant_id))? {
-            Some(id) => self.get(&String::from_utf8_lossy(&id)),
-            None => Ok(None),
+        let Some(id) = self.tenant_index.get(tenant_key(environment, tenant_id))? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8_lossy(&id).into_owned();
+        let Some(record) = self.get(&id)? else {
+            return Err(StoreError::Corrupt {
+                key: id,
+                reason: format!(
+                    "the index entry of {environment} tenant {tenant_id} names a missing record"
+                ),
+            });
+        };
+        // An index entry edited to point at another tenant's record must not
+        // hand out that tenant's credentials.
+        if record.environment != environment || record.tenant_id != tenant_id {
+            return Err(StoreError::Corrupt {
+                key: id,
+                reason: format!(
+                    "the index entry of {environment} tenant {tenant_id} names another tenant's record"
+                ),
+            });
         }
+        Ok(Some(record))
     }
 
     /// Inserts a new connection and its tenant index entry atomically.
     pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
+        self.insert_unflushed(record)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn insert_unflushed(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
         let index_key = tenant_key(record.environment, record.tenant_id);
         let bytes = encode(record);
-        let exclusive = self.write_gate.write().await;
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             if let Some(existing) = index.get(&index_key)? {
                 return Err(ConflictableTransactionError::Abort(
@@ -181,7 +223,6 @@ impl Store {
             index.insert(index_key.as_slice(), record.id.as_bytes())?;
             Ok(())
         });
-        drop(exclusive);
         match result {
             Ok(()) => {}
             Err(TransactionError::Abort(existing_id)) => {
@@ -193,56 +234,77 @@ impl Store {
             }
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         }
-        self.flush().await
+        Ok(())
     }
 
-    /// Replaces a record if it is still exactly `previous`, so two writers
-    /// cannot silently overwrite each other.
+    /// Inserts many new connections, each like `insert`, with one flush at
+    /// the end instead of one per record. For bulk imports and benchmarks:
+    /// nothing is durable until this returns, and a failure leaves the
+    /// records before it inserted.
+    pub async fn insert_batch(&self, records: &[ConnectionRecord]) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
+        for record in records {
+            self.insert_unflushed(record)?;
+        }
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Replaces a record if its stored bytes are still `previous_bytes`,
+    /// as returned by `get_with_bytes`, so two writers cannot silently
+    /// overwrite each other.
     pub async fn replace(
         &self,
-        previous: &ConnectionRecord,
+        previous_bytes: &sled::IVec,
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
-        let writing = self.write_gate.read().await;
+        let _write = self.writes.lock().await;
         let swapped = self.connections.compare_and_swap(
             next.id.as_bytes(),
-            Some(encode(previous)),
+            Some(previous_bytes),
             Some(encode(next)),
         )?;
-        drop(writing);
         if swapped.is_err() {
             return Err(StoreError::Conflict(next.id.clone()));
         }
-        self.flush().await
+        self.db.flush_async().await?;
+        Ok(())
     }
 
-    /// Deletes a connection and its index entry atomically.
-    pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, StoreError> {
-        let exclusive = self.write_gate.write().await;
+    /// Deletes a connection and the index entries that point at it,
+    /// atomically. An unreadable record is deleted too, so an operator can
+    /// remove it; its record is then returned as `None`.
+    pub async fn delete(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        // Index entries are found by value, so a record whose own tenant
+        // fields are unreadable or edited still loses exactly its entries.
+        let _write = self.writes.lock().await;
+        let mut index_keys = Vec::new();
+        for entry in self.tenant_index.iter() {
+            let (key, value) = entry?;
+            if value.as_ref() == id.as_bytes() {
+                index_keys.push(key);
+            }
+        }
         let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
             let Some(bytes) = connections.remove(id.as_bytes())? else {
-                return Err(ConflictableTransactionError::Abort(None));
+                return Err(ConflictableTransactionError::Abort(()));
             };
-            let record: ConnectionRecord = match decode(id, &bytes) {
-                Ok(record) => record,
-                Err(e) => return Err(ConflictableTransactionError::Abort(Some(e.to_string()))),
-            };
-            index.remove(tenant_key(record.environment, record.tenant_id))?;
-            Ok(record)
+            for key in &index_keys {
+                if index
+                    .get(key)?
+                    .is_some_and(|value| value.as_ref() == id.as_bytes())
+                {
+                    index.remove(key)?;
+                }
+            }
+            Ok(decode_record(id.as_bytes(), &bytes).ok())
         });
-        drop(exclusive);
         let record = match result {
             Ok(record) => record,
-            Err(TransactionError::Abort(None)) => return Err(StoreError::NotFound(id.to_owned())),
-            Err(TransactionError::Abort(Some(reason))) => {
-                return Err(StoreError::Corrupt {
-                    key: id.to_owned(),
-                    reason,
-                });
-            }
+            Err(TransactionError::Abort(())) => return Err(StoreError::NotFound(id.to_owned())),
             Err(TransactionError::Storage(e)) => return Err(e.into()),
         };
-        self.flush().await?;
+        self.db.flush_async().await?;
         Ok(record)
     }
 
@@ -265,7 +327,14 @@ impl Store {
         let mut page = Vec::new();
         for entry in range {
             let (key, value) = entry?;
-            let record: ConnectionRecord = decode(&String::from_utf8_lossy(&key), &value)?;
+            let record = match decode_record(&key, &value) {
+                Ok(record) => record,
+                Err(error) => {
+                    // One damaged record must not hide every other one.
+                    tracing::error!(%error, "skipping an unreadable connection record");
+                    continue;
+                }
+            };
             if !filter(&record) {
                 continue;
             }
@@ -281,22 +350,13 @@ impl Store {
     pub fn iter(&self) -> impl Iterator<Item = Result<ConnectionRecord, StoreError>> + '_ {
         self.connections.iter().map(|entry| {
             let (key, value) = entry?;
-            decode(&String::from_utf8_lossy(&key), &value)
+            decode_record(&key, &value)
         })
     }
 
-    /// Flushes every write so far to disk.
-    ///
-    /// sled 0.34's `flush_async` runs the blocking flush on sled's own small
-    /// IO thread pool. Enough concurrent flushes occupy every pool thread
-    /// while they wait for a log write that needs a pool thread, so the
-    /// process hangs. The flush runs on tokio's blocking pool instead.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let _flushing = self.write_gate.read().await;
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .expect("a sled flush does not panic")?;
+        let _write = self.writes.lock().await;
+        self.db.flush_async().await?;
         Ok(())
     }
 }
@@ -307,6 +367,34 @@ fn tenant_key(environment: Environment, tenant_id: i64) -> Vec<u8> {
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records contain only JSON-representable fields")
+}
+
+/// Decodes a connection record and checks the invariants every reader
+/// relies on: it is stored under its own id and has exactly one current
+/// version.
+fn decode_record(key: &[u8], bytes: &[u8]) -> Result<ConnectionRecord, StoreError> {
+    let key = String::from_utf8_lossy(key);
+    let record: ConnectionRecord = decode(&key, bytes)?;
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        key: key.clone().into_owned(),
+        reason: reason.to_owned(),
+    };
+    if record.id != key {
+        return Err(corrupt(
+            "the record is stored under another connection's id",
+        ));
+    }
+    let current = record
+        .versions
+        .iter()
+        .filter(|v| v.state == VersionState::Current)
+        .count();
+    if current != 1 {
+        return Err(corrupt(
+            "the record does not have exactly one current credential version",
+        ));
+    }
+    Ok(record)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {

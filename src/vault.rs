@@ -5,8 +5,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::{broadcast, watch};
+
 use crate::broker::{Broker, CachedToken, Credentials, Slot};
-use crate::crypto::DataKey;
+use crate::crypto::{DataKey, MasterKey};
+use crate::health::{Health, HealthState, StatusEvent};
 use crate::keyring::Keyring;
 use crate::model::Environment;
 use crate::secret::SecretString;
@@ -18,6 +21,9 @@ const CLIENT_SECRET_FIELD: &str = "client_secret";
 const APP_KEY_FIELD: &str = "app_key";
 /// Times an operation re-reads a record after a concurrent change.
 const MAX_CONFLICT_RETRIES: usize = 5;
+/// Status events buffered for slow watchers. A watcher further behind gets
+/// ABORTED and must watch again.
+const STATUS_EVENT_BUFFER: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -37,7 +43,7 @@ pub enum VaultError {
         tenant_id: i64,
         connection_id: String,
     },
-    /// Verification failed; the report says which check and why.
+    /// Verification failed. The report names the failing check and its reason.
     #[error("verification failed")]
     VerificationFailed(Box<Report>),
     #[error("connection {0} has no previous credential version to roll back to")]
@@ -76,6 +82,14 @@ pub struct Rotation {
     pub skip_verification: bool,
 }
 
+/// New connection settings; `None` keeps the stored value.
+pub struct SettingsUpdate {
+    pub display_name: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub required_scope_groups: Option<Vec<String>>,
+    pub skip_verification: bool,
+}
+
 /// A token handed to a caller, with what it needs to call the API.
 pub struct IssuedAccess {
     pub token: Arc<CachedToken>,
@@ -91,6 +105,10 @@ pub struct Vault {
     /// Serializes credential changes per connection, so a rotation's
     /// verification runs without a concurrent rotation racing it.
     change_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Health state changes, sent once each by the write that made them.
+    status_events: broadcast::Sender<StatusEvent>,
+    /// Set to true when the server shuts down, to end status watches.
+    stopping: watch::Sender<bool>,
 }
 
 impl Vault {
@@ -100,7 +118,24 @@ impl Vault {
             broker,
             keyring: keyring.into(),
             change_locks: Mutex::new(HashMap::new()),
+            status_events: broadcast::channel(STATUS_EVENT_BUFFER).0,
+            stopping: watch::channel(false).0,
         }
+    }
+
+    /// Returns a receiver of every later health state change.
+    pub fn subscribe_status(&self) -> broadcast::Receiver<StatusEvent> {
+        self.status_events.subscribe()
+    }
+
+    /// Returns a receiver that turns true when the server shuts down.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Ends every status watch, so a graceful shutdown does not wait on them.
+    pub fn stop_watchers(&self) {
+        self.stopping.send_replace(true);
     }
 
     pub fn store(&self) -> &Store {
@@ -147,6 +182,7 @@ impl Vault {
 
         let id = uuid::Uuid::now_v7().to_string();
         let mut last_verified_at = None;
+        let mut health = None;
         if !new.skip_verification {
             let credentials = Credentials {
                 connection_id: id.clone(),
@@ -168,34 +204,12 @@ impl Vault {
                 return Err(VaultError::VerificationFailed(Box::new(report)));
             }
             last_verified_at = Some(report.checked_at);
+            health = Some(Health::after(None, 1, &report));
         }
 
-        let now = SystemTime::now();
-        let data_key = DataKey::generate();
-        let record = ConnectionRecord {
-            id: id.clone(),
-            environment: new.environment,
-            tenant_id: new.tenant_id,
-            display_name: new.display_name.clone(),
-            labels: new.labels.clone(),
-            enterprise_hub: new.enterprise_hub,
-            required_scope_groups: new.required_scope_groups.clone(),
-            created_at: now,
-            updated_at: now,
-            last_verified_at,
-            master_key_id: self.keyring.newest().id().to_owned(),
-            wrapped_data_key: self.keyring.newest().wrap(&id, &data_key),
-            versions: vec![seal_version(
-                &data_key,
-                &id,
-                1,
-                VersionState::Current,
-                &new.client_id,
-                &new.client_secret,
-                &new.app_key,
-                caller,
-            )],
-        };
+        let mut record = new_record(self.keyring.newest(), id, &new, caller);
+        record.last_verified_at = last_verified_at;
+        record.health = health;
         match self.store.insert(&record).await {
             Ok(()) => Ok((record, true)),
             Err(StoreError::TenantTaken { existing_id, .. }) => {
@@ -239,16 +253,22 @@ impl Vault {
     ) -> Result<Credentials, VaultError> {
         let integrity = || VaultError::Integrity(record.id.clone());
         let data_key = self.data_key(record)?;
+        let binding = Binding::of_record(record);
         let client_secret = data_key
             .open(
                 &record.id,
-                CLIENT_SECRET_FIELD,
+                &binding.field(CLIENT_SECRET_FIELD, &version.client_id),
                 version.version,
                 &version.client_secret,
             )
             .map_err(|_| integrity())?;
         let app_key = data_key
-            .open(&record.id, APP_KEY_FIELD, version.version, &version.app_key)
+            .open(
+                &record.id,
+                &binding.field(APP_KEY_FIELD, &version.client_id),
+                version.version,
+                &version.app_key,
+            )
             .map_err(|_| integrity())?;
         Ok(Credentials {
             connection_id: record.id.clone(),
@@ -310,56 +330,75 @@ impl Vault {
 
         let data_key = self.data_key(&record)?;
         let number = record.next_version_number();
-        let mut staged = record.clone();
-        staged.versions.retain(|v| v.state != VersionState::Pending);
-        staged.versions.push(seal_version(
+        let pending = seal_version(
             &data_key,
             id,
+            Binding::of_record(&record),
             number,
             VersionState::Pending,
             &client_id,
             &client_secret,
             &app_key,
             caller,
-        ));
-
-        // `base` is the record as stored right before the promotion.
-        let mut next = staged.clone();
-        let base = if rotation.skip_verification {
-            record
-        } else {
-            // The pending version is on disk before ServiceTitan is asked, so
-            // a crash during verification leaves it to be discarded at startup.
-            self.store.replace(&record, &staged).await?;
-            let credentials = Credentials {
-                connection_id: id.to_owned(),
-                version: number,
-                environment: record.environment,
-                tenant_id: record.tenant_id,
-                client_id: client_id.clone(),
-                client_secret: client_secret.clone(),
-                app_key: app_key.clone(),
-                enterprise_hub: record.enterprise_hub,
-            };
-            let report = verify::verify(
-                self.broker.client(),
-                &credentials,
-                &record.required_scope_groups,
-            )
-            .await;
-            if !report.ok() {
-                let mut discarded = staged.clone();
-                discarded.versions.retain(|v| v.version != number);
-                self.store.replace(&staged, &discarded).await?;
-                return Err(VaultError::VerificationFailed(Box::new(report)));
-            }
-            next.last_verified_at = Some(report.checked_at);
-            staged
+        );
+        let stage = |r: &mut ConnectionRecord| {
+            r.versions.retain(|v| v.state != VersionState::Pending);
+            r.versions.push(pending.clone());
         };
-        promote(&mut next, number);
-        next.updated_at = SystemTime::now();
-        self.store.replace(&base, &next).await?;
+
+        if rotation.skip_verification {
+            let (_, next) = self
+                .update_pair(id, |r| {
+                    stage(r);
+                    promote(r, number);
+                    r.updated_at = SystemTime::now();
+                })
+                .await?;
+            self.broker.invalidate(id);
+            return Ok(next);
+        }
+
+        // The pending version is on disk before ServiceTitan is asked, so a
+        // crash during verification leaves it to be discarded at startup.
+        // Each step below is one flushed write of the whole record, so the
+        // record always has exactly one current version.
+        self.update(id, stage).await?;
+        crate::testhook::point("rotate:after_pending").await;
+        let credentials = Credentials {
+            connection_id: id.to_owned(),
+            version: number,
+            environment: record.environment,
+            tenant_id: record.tenant_id,
+            client_id,
+            client_secret,
+            app_key,
+            enterprise_hub: record.enterprise_hub,
+        };
+        let report = verify::verify(
+            self.broker.client(),
+            &credentials,
+            &record.required_scope_groups,
+        )
+        .await;
+        if !report.ok() {
+            crate::testhook::point("rotate:before_discard").await;
+            self.update(id, |r| r.versions.retain(|v| v.version != number))
+                .await?;
+            return Err(VaultError::VerificationFailed(Box::new(report)));
+        }
+        crate::testhook::point("rotate:after_verify").await;
+
+        let (before, next) = self
+            .update_pair(id, |r| {
+                promote(r, number);
+                r.updated_at = SystemTime::now();
+                r.last_verified_at = Some(report.checked_at);
+                r.health = Some(Health::after(r.health.as_ref(), number, &report));
+            })
+            .await?;
+        crate::testhook::point("rotate:after_promote").await;
         self.broker.invalidate(id);
+        self.announce(&before, &next);
         Ok(next)
     }
 
@@ -377,10 +416,12 @@ impl Vault {
             return Err(VaultError::NoPreviousVersion(id.to_owned()));
         };
         let number = previous.version;
-        let mut next = record.clone();
-        promote(&mut next, number);
-        next.updated_at = SystemTime::now();
-        self.store.replace(&record, &next).await?;
+        let (_, next) = self
+            .update_pair(id, |r| {
+                promote(r, number);
+                r.updated_at = SystemTime::now();
+            })
+            .await?;
         self.broker.invalidate(id);
         Ok(next)
     }
@@ -395,15 +436,122 @@ impl Vault {
             &record.required_scope_groups,
         )
         .await;
-        if report.ok() {
-            self.update(id, |r| {
-                if r.current().version == credentials.version {
+        self.record_report(id, credentials.version, &report).await?;
+        Ok(report)
+    }
+
+    /// Stores `report` as the connection's health, and the time of a
+    /// success, unless the credentials changed since `version` was verified.
+    async fn record_report(
+        &self,
+        id: &str,
+        version: u32,
+        report: &Report,
+    ) -> Result<(), VaultError> {
+        let (before, after) = self
+            .update_pair(id, |r| {
+                if r.current().version != version {
+                    return;
+                }
+                if report.ok() {
                     r.last_verified_at = Some(report.checked_at);
                 }
+                r.health = Some(Health::after(r.health.as_ref(), version, report));
             })
             .await?;
+        self.announce(&before, &after);
+        Ok(())
+    }
+
+    /// Marks the connection `NeedsAttention` after ServiceTitan rejected
+    /// credential `version` with `invalid_client` on a token request.
+    pub async fn record_token_rejection(&self, id: &str, version: u32) -> Result<(), VaultError> {
+        let record = self.get(id)?;
+        let already = record
+            .health
+            .as_ref()
+            .is_some_and(|h| h.state == HealthState::NeedsAttention && h.version == version);
+        if already || record.current().version != version {
+            return Ok(());
         }
-        Ok(report)
+        self.record_report(id, version, &verify::rejected_token_report())
+            .await
+    }
+
+    /// Changes a connection's settings. A change of the required scope
+    /// groups is verified first unless `skip_verification` is set.
+    pub async fn update_settings(
+        &self,
+        id: &str,
+        update: SettingsUpdate,
+    ) -> Result<ConnectionRecord, VaultError> {
+        let lock = self.change_lock(id);
+        let _guard = lock.lock().await;
+
+        let record = self.get(id)?;
+        let mut verified = None;
+        if let Some(groups) = &update.required_scope_groups {
+            let added = groups
+                .iter()
+                .any(|g| !record.required_scope_groups.contains(g));
+            if added && !update.skip_verification {
+                let credentials = self.open_current(&record)?;
+                let report = verify::verify(self.broker.client(), &credentials, groups).await;
+                if !report.ok() {
+                    return Err(VaultError::VerificationFailed(Box::new(report)));
+                }
+                verified = Some((credentials.version, report));
+            }
+        }
+        let (before, next) = self
+            .update_pair(id, |r| {
+                if let Some(name) = &update.display_name {
+                    r.display_name = name.clone();
+                }
+                if let Some(labels) = &update.labels {
+                    r.labels = labels.clone();
+                }
+                if let Some(groups) = &update.required_scope_groups {
+                    r.required_scope_groups = groups.clone();
+                }
+                if let Some((version, report)) = &verified {
+                    if r.current().version == *version {
+                        r.last_verified_at = Some(report.checked_at);
+                        r.health = Some(Health::after(r.health.as_ref(), *version, report));
+                    }
+                }
+                r.updated_at = SystemTime::now();
+            })
+            .await?;
+        self.announce(&before, &next);
+        Ok(next)
+    }
+
+    /// Sends a status event if the health state differs between `before`
+    /// and `after`, two consecutive stored versions of one record.
+    fn announce(&self, before: &ConnectionRecord, after: &ConnectionRecord) {
+        let Some(health) = &after.health else {
+            return;
+        };
+        let previous = before.health.as_ref().map(|h| h.state);
+        if previous == Some(health.state) {
+            return;
+        }
+        tracing::info!(
+            connection.id = %after.id,
+            tenant.id = after.tenant_id,
+            health.previous = previous.map_or("unknown", HealthState::as_str),
+            health.state = health.state.as_str(),
+            "connection health changed"
+        );
+        // An error means that no watcher is subscribed.
+        let _ = self.status_events.send(StatusEvent {
+            connection_id: after.id.clone(),
+            environment: after.environment,
+            tenant_id: after.tenant_id,
+            previous,
+            health: health.clone(),
+        });
     }
 
     /// Applies `change` to the stored record, re-reading on a concurrent write.
@@ -412,12 +560,23 @@ impl Vault {
         id: &str,
         change: impl Fn(&mut ConnectionRecord),
     ) -> Result<ConnectionRecord, VaultError> {
+        self.update_pair(id, change).await.map(|(_, next)| next)
+    }
+
+    /// Like `update`, and also returns the record as stored right before.
+    async fn update_pair(
+        &self,
+        id: &str,
+        change: impl Fn(&mut ConnectionRecord),
+    ) -> Result<(ConnectionRecord, ConnectionRecord), VaultError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let record = self.get(id)?;
+            let Some((bytes, record)) = self.store.get_with_bytes(id)? else {
+                return Err(VaultError::NotFound(id.to_owned()));
+            };
             let mut next = record.clone();
             change(&mut next);
-            match self.store.replace(&record, &next).await {
-                Ok(()) => return Ok(next),
+            match self.store.replace(&bytes, &next).await {
+                Ok(()) => return Ok((record, next)),
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -425,7 +584,9 @@ impl Vault {
         Err(VaultError::Busy(id.to_owned()))
     }
 
-    pub async fn delete(&self, id: &str) -> Result<ConnectionRecord, VaultError> {
+    /// Deletes a connection and drops its cached token. Returns the deleted
+    /// record, or `None` when it was unreadable.
+    pub async fn delete(&self, id: &str) -> Result<Option<ConnectionRecord>, VaultError> {
         let lock = self.change_lock(id);
         let _guard = lock.lock().await;
         let record = match self.store.delete(id).await {
@@ -444,13 +605,24 @@ impl Vault {
         id: &str,
         min_valid_for: Duration,
     ) -> Result<IssuedAccess, VaultError> {
-        let slot = self.slot(id)?;
-        let token = self
-            .broker
-            .token(&slot, min_valid_for)
-            .await
-            .map_err(VaultError::Token)?;
-        Ok(IssuedAccess { token, slot })
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let slot = self.slot(id)?;
+            let token = self
+                .broker
+                .token(&slot, min_valid_for)
+                .await
+                .map_err(VaultError::Token)?;
+            // A rotation, rollback or delete while the token was fetched
+            // replaced the slot: its token belongs to other credentials.
+            let still_current = self
+                .broker
+                .slot(id)
+                .is_ok_and(|installed| Arc::ptr_eq(&installed, &slot));
+            if still_current {
+                return Ok(IssuedAccess { token, slot });
+            }
+        }
+        Err(VaultError::Busy(id.to_owned()))
     }
 
     /// Returns the broker's cache entry of a connection, loading and
@@ -508,10 +680,91 @@ fn promote(record: &mut ConnectionRecord, number: u32) {
     }
 }
 
+/// Builds the sealed record of a new connection, with a fresh data key
+/// wrapped under `master_key` and one current credential version.
+pub fn new_record(
+    master_key: &MasterKey,
+    id: String,
+    new: &NewConnection,
+    caller: &str,
+) -> ConnectionRecord {
+    let now = SystemTime::now();
+    let data_key = DataKey::generate();
+    let version = seal_version(
+        &data_key,
+        &id,
+        Binding::of_new(new),
+        1,
+        VersionState::Current,
+        &new.client_id,
+        &new.client_secret,
+        &new.app_key,
+        caller,
+    );
+    ConnectionRecord {
+        environment: new.environment,
+        tenant_id: new.tenant_id,
+        display_name: new.display_name.clone(),
+        labels: new.labels.clone(),
+        enterprise_hub: new.enterprise_hub,
+        required_scope_groups: new.required_scope_groups.clone(),
+        created_at: now,
+        updated_at: now,
+        last_verified_at: None,
+        master_key_id: master_key.id().to_owned(),
+        wrapped_data_key: master_key.wrap(&id, &data_key),
+        versions: vec![version],
+        health: None,
+        id,
+    }
+}
+
+/// The stored fields that decide where a credential is sent and for which
+/// tenant. They are bound into each sealed field's associated data, so an
+/// edited environment, tenant, client id or Enterprise Hub flag makes the
+/// secrets fail to open instead of being sent to the wrong place.
+#[derive(Clone, Copy)]
+struct Binding {
+    environment: Environment,
+    tenant_id: i64,
+    enterprise_hub: bool,
+}
+
+impl Binding {
+    fn of_record(record: &ConnectionRecord) -> Self {
+        Self {
+            environment: record.environment,
+            tenant_id: record.tenant_id,
+            enterprise_hub: record.enterprise_hub,
+        }
+    }
+
+    fn of_new(new: &NewConnection) -> Self {
+        Self {
+            environment: new.environment,
+            tenant_id: new.tenant_id,
+            enterprise_hub: new.enterprise_hub,
+        }
+    }
+
+    /// Returns the associated-data name of `field` for a version with
+    /// `client_id`. Client ids contain no control characters, so the NUL
+    /// separators keep the parts apart.
+    fn field(&self, field: &str, client_id: &str) -> String {
+        format!(
+            "{field}\0{}\0{}\0{}\0{client_id}",
+            self.environment.as_str(),
+            self.tenant_id,
+            self.enterprise_hub
+        )
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn seal_version(
     data_key: &DataKey,
     id: &str,
+    binding: Binding,
     number: u32,
     state: VersionState,
     client_id: &str,
@@ -523,8 +776,18 @@ fn seal_version(
         version: number,
         state,
         client_id: client_id.to_owned(),
-        client_secret: data_key.seal(id, CLIENT_SECRET_FIELD, number, client_secret),
-        app_key: data_key.seal(id, APP_KEY_FIELD, number, app_key),
+        client_secret: data_key.seal(
+            id,
+            &binding.field(CLIENT_SECRET_FIELD, client_id),
+            number,
+            client_secret,
+        ),
+        app_key: data_key.seal(
+            id,
+            &binding.field(APP_KEY_FIELD, client_id),
+            number,
+            app_key,
+        ),
         app_key_hint: app_key.hint(),
         created_at: SystemTime::now(),
         created_by: caller.to_owned(),

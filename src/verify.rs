@@ -8,6 +8,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
+
 use crate::broker::Credentials;
 use crate::model::Environment;
 use crate::servicetitan::{IssuedToken, OAuthError, ProbeOutcome, ServiceTitanClient, TokenError};
@@ -107,7 +109,8 @@ pub fn scope_group(key: &str) -> Option<&'static ScopeGroup> {
     SCOPE_GROUPS.iter().find(|g| g.key == key)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CheckStatus {
     Passed,
     Failed,
@@ -116,7 +119,7 @@ pub enum CheckStatus {
     Warning,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Check {
     pub name: String,
     pub status: CheckStatus,
@@ -127,17 +130,18 @@ pub struct Check {
 
 /// Why a verification failed, which decides the gRPC status of a register or
 /// rotate that it blocks.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Failure {
     /// The credentials or the ServiceTitan setup are wrong.
     Setup,
     /// ServiceTitan throttled the vault; retry after the delay.
     RateLimited(Duration),
-    /// ServiceTitan was down, slow or answered garbage.
+    /// ServiceTitan was down, slow or returned an unusable response.
     Upstream,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub checks: Vec<Check>,
     pub granted_scopes: Vec<String>,
@@ -164,8 +168,31 @@ const REMEDIATE_APP_KEY: &str = "Copy the Application Key from the app's page in
 and check that the app is not disabled; then rotate the app key into the vault.";
 const REMEDIATE_TENANT_ACCESS: &str = "In ServiceTitan, open Settings > Integrations > API Application Access, \
 connect this app and allow access (a tenant admin may also have disabled it there).";
+const REMEDIATE_HUB_MISSING: &str = "If these are Enterprise Hub credentials shared by several tenants, \
+register the connection with enterprise_hub set, so token requests name the tenant.";
+const REMEDIATE_HUB_TENANT: &str = "Check in Enterprise Hub that this tenant belongs to the group that \
+shares these credentials.";
 const REMEDIATE_UPSTREAM: &str =
     "Nothing is known to be wrong with the credentials; retry the verification later.";
+
+/// Builds the report recorded when ServiceTitan rejects a connection's
+/// credentials with `invalid_client` on an ordinary token request.
+pub fn rejected_token_report() -> Report {
+    let mut report = ReportBuilder::default();
+    report.fail(
+        "token",
+        Failure::Setup,
+        "ServiceTitan rejected the client id or client secret (invalid_client) when the vault \
+         requested a token"
+            .to_owned(),
+        REMEDIATE_SECRET,
+    );
+    report.skip_rest(
+        &["tenant", "app_key", "tenant_access"],
+        "skipped because no token was issued",
+    );
+    report.finish()
+}
 
 /// Runs every check for `credentials`, stopping at the first failure that
 /// makes the later checks meaningless.
@@ -307,12 +334,29 @@ async fn token_check(
                 );
             }
         }
-        TokenError::Rejected { error, status } => report.fail(
-            "token",
-            Failure::Setup,
-            format!("ServiceTitan refused the token request ({error}, HTTP {status})"),
-            REMEDIATE_SECRET,
-        ),
+        TokenError::Rejected { error, status } => {
+            // NOTE: ServiceTitan does not document its response to an
+            // Enterprise Hub request without a tenant, or for a tenant outside
+            // the hub. The OAuth codes invalid_request and invalid_grant are
+            // the likely ones.
+            let hub_hint = match (error, credentials.enterprise_hub) {
+                (OAuthError::InvalidRequest, false) => Some(REMEDIATE_HUB_MISSING),
+                (OAuthError::InvalidGrant | OAuthError::InvalidRequest, true) => {
+                    Some(REMEDIATE_HUB_TENANT)
+                }
+                _ => None,
+            };
+            let remediation = match hub_hint {
+                Some(hint) => format!("{hint} {REMEDIATE_SECRET}"),
+                None => REMEDIATE_SECRET.to_owned(),
+            };
+            report.fail(
+                "token",
+                Failure::Setup,
+                format!("ServiceTitan refused the token request ({error}, HTTP {status})"),
+                &remediation,
+            )
+        }
         TokenError::RateLimited { retry_after } => report.fail(
             "token",
             Failure::RateLimited(retry_after),

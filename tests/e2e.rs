@@ -93,6 +93,9 @@ async fn reflection_lists_services() {
         "VerifyConnection",
         "DeleteConnection",
         "GetAccessToken",
+        "RollbackCredentials",
+        "UpdateConnection",
+        "WatchConnectionStatus",
     ] {
         assert!(
             description.contains(rpc),
@@ -126,6 +129,8 @@ async fn readme_quickstart_runs_as_printed() {
         "\"ok\": true",
         "\"outcome\": \"OUTCOME_PASSED\"",
         "STATE_PREVIOUS",
+        "\"displayName\": \"Demo Plumbing HQ\"",
+        "HEALTH_STATE_HEALTHY",
         "\"status\": \"SERVING\"",
     ] {
         assert!(

@@ -1,6 +1,7 @@
 //! Conversions from stored records and reports to protobuf messages. Only
 //! non-secret fields are copied.
 
+use crate::health::{Health, HealthState, StatusEvent};
 use crate::model::Environment;
 use crate::pb;
 use crate::store::{ConnectionRecord, VersionState};
@@ -47,6 +48,41 @@ pub fn connection(record: &ConnectionRecord) -> pb::Connection {
         enterprise_hub: record.enterprise_hub,
         required_scope_groups: record.required_scope_groups.clone(),
         versions,
+        health: record.health.as_ref().map(health),
+    }
+}
+
+pub fn health_state(state: Option<HealthState>) -> pb::HealthState {
+    match state {
+        None => pb::HealthState::Unspecified,
+        Some(HealthState::Healthy) => pb::HealthState::Healthy,
+        Some(HealthState::Degraded) => pb::HealthState::Degraded,
+        Some(HealthState::NeedsAttention) => pb::HealthState::NeedsAttention,
+    }
+}
+
+fn health(health: &Health) -> pb::ConnectionHealth {
+    pb::ConnectionHealth {
+        state: health_state(Some(health.state)) as i32,
+        state_since: Some(health.since.into()),
+        last_checked_at: Some(health.last_checked_at.into()),
+        // The enclosing Connection carries the id already.
+        last_report: Some(report("", &health.report)),
+    }
+}
+
+/// Converts a health change, or with `current_state` the stored health sent
+/// to a new watcher.
+pub fn status_event(event: &StatusEvent, current_state: bool) -> pb::ConnectionStatusEvent {
+    pb::ConnectionStatusEvent {
+        connection_id: event.connection_id.clone(),
+        environment: environment(event.environment) as i32,
+        tenant_id: event.tenant_id,
+        previous_state: health_state(event.previous) as i32,
+        state: health_state(Some(event.health.state)) as i32,
+        changed_at: Some(event.health.since.into()),
+        report: Some(report(&event.connection_id, &event.health.report)),
+        current_state,
     }
 }
 

@@ -4,7 +4,9 @@
 mod convert;
 pub mod status;
 pub mod validate;
+mod watch;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,13 +15,15 @@ use tracing::Instrument;
 
 use crate::pb;
 use crate::pb::credential_vault_server::CredentialVault;
-use crate::vault::{NewConnection, Rotation, Vault};
+use crate::vault::{NewConnection, Rotation, SettingsUpdate, Vault};
 
 use status::to_status;
 
 /// Caller identity recorded in credential versions until callers are
 /// authenticated.
 const ANONYMOUS_CALLER: &str = "anonymous";
+/// Time kept back from a caller's gRPC deadline to send UNAVAILABLE in.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
 
 pub struct VaultService {
     vault: Arc<Vault>,
@@ -85,8 +89,15 @@ fn grpc_deadline<T>(request: &Request<T>) -> Option<Duration> {
     })
 }
 
+/// Stream of `WatchConnectionStatus`.
+pub type StatusStream = Pin<
+    Box<dyn futures::Stream<Item = Result<pb::ConnectionStatusEvent, Status>> + Send + 'static>,
+>;
+
 #[tonic::async_trait]
 impl CredentialVault for VaultService {
+    type WatchConnectionStatusStream = StatusStream;
+
     async fn register_connection(
         &self,
         request: Request<pb::RegisterConnectionRequest>,
@@ -201,10 +212,19 @@ impl CredentialVault for VaultService {
                     "set at least one of client_id, client_secret or app_key to rotate",
                 ));
             }
-            let record = self
-                .vault
-                .rotate(&id, rotation, ANONYMOUS_CALLER)
+            // The rotation runs in its own task, so a caller that gives up
+            // mid-verification does not leave its pending version behind.
+            let vault = self.vault.clone();
+            let rotate_id = id.clone();
+            let record =
+                tokio::spawn(
+                    async move { vault.rotate(&rotate_id, rotation, ANONYMOUS_CALLER).await },
+                )
                 .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "rotation task failed");
+                    Status::internal("rotation failed; see the server log")
+                })?
                 .map_err(to_status)?;
             record_ids(&record.id, record.tenant_id);
             tracing::info!(
@@ -254,9 +274,13 @@ impl CredentialVault for VaultService {
         observe("DeleteConnection", async {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
             tracing::Span::current().record("connection.id", id.as_str());
-            let record = self.vault.delete(&id).await.map_err(to_status)?;
-            record_ids(&record.id, record.tenant_id);
-            tracing::info!("connection deleted");
+            match self.vault.delete(&id).await.map_err(to_status)? {
+                Some(record) => {
+                    record_ids(&record.id, record.tenant_id);
+                    tracing::info!("connection deleted");
+                }
+                None => tracing::warn!("unreadable connection record deleted"),
+            }
             Ok(Response::new(pb::DeleteConnectionResponse {}))
         })
         .await
@@ -277,7 +301,10 @@ impl CredentialVault for VaultService {
             // deadline, so a hanging ServiceTitan yields UNAVAILABLE.
             let mut wait = self.vault.broker().client().request_timeout() + Duration::from_secs(1);
             if let Some(deadline) = deadline {
-                wait = wait.min(deadline);
+                // Respond a little before the deadline, so the caller reads
+                // why instead of its own DEADLINE_EXCEEDED.
+                let margin = DEADLINE_MARGIN.min(deadline / 5);
+                wait = wait.min(deadline - margin);
             }
             let issued = tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for))
                 .await
@@ -308,6 +335,82 @@ impl CredentialVault for VaultService {
                 connection_id: credentials.connection_id.clone(),
                 credential_version: credentials.version,
             }))
+        })
+        .await
+    }
+    async fn update_connection(
+        &self,
+        request: Request<pb::UpdateConnectionRequest>,
+    ) -> Result<Response<pb::Connection>, Status> {
+        observe("UpdateConnection", async {
+            let request = request.into_inner();
+            let Some(connection) = request.connection else {
+                return Err(validate::invalid("connection", "is required"));
+            };
+            let id =
+                validate::connection_id("connection.connection_id", &connection.connection_id)?;
+            tracing::Span::current().record("connection.id", id.as_str());
+            let fields = validate::update_mask(request.update_mask)?;
+            let named = |field: &str| fields.iter().any(|f| f == field);
+            let update = SettingsUpdate {
+                display_name: named("display_name")
+                    .then(|| validate::display_name(&connection.display_name))
+                    .transpose()?,
+                labels: named("labels")
+                    .then(|| validate::labels(connection.labels))
+                    .transpose()?,
+                required_scope_groups: named("required_scope_groups")
+                    .then(|| {
+                        validate::scope_groups(
+                            "required_scope_groups",
+                            connection.required_scope_groups,
+                        )
+                    })
+                    .transpose()?,
+                skip_verification: request.skip_verification,
+            };
+            let record = self
+                .vault
+                .update_settings(&id, update)
+                .await
+                .map_err(to_status)?;
+            record_ids(&record.id, record.tenant_id);
+            tracing::info!(fields = %fields.join(","), "connection updated");
+            Ok(Response::new(convert::connection(&record)))
+        })
+        .await
+    }
+
+    async fn watch_connection_status(
+        &self,
+        request: Request<pb::WatchConnectionStatusRequest>,
+    ) -> Result<Response<Self::WatchConnectionStatusStream>, Status> {
+        observe("WatchConnectionStatus", async {
+            let request = request.into_inner();
+            let connection_id = match request.connection_id.as_str() {
+                "" => None,
+                value => Some(validate::connection_id("connection_id", value)?),
+            };
+            if let Some(id) = &connection_id {
+                let record = self.vault.get(id).map_err(to_status)?;
+                record_ids(&record.id, record.tenant_id);
+            }
+            let filter = watch::StatusFilter {
+                connection_id,
+                tenant_id: match request.tenant_id {
+                    0 => None,
+                    value => Some(validate::tenant_id("tenant_id", value)?),
+                },
+                environment: match request.environment {
+                    0 => None,
+                    value => Some(validate::environment("environment", value)?),
+                },
+            };
+            let (sender, receiver) = tokio::sync::mpsc::channel(watch::WATCH_BUFFER);
+            watch::start(&self.vault, filter, request.send_current_state, sender)?;
+            let stream: StatusStream =
+                Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver));
+            Ok(Response::new(stream))
         })
         .await
     }

@@ -1,6 +1,6 @@
 //! The one place where vault errors become gRPC statuses. Each known cause
-//! gets its own code and a message naming the resource and the fix; storage
-//! failures get a generic message, with the cause logged on the server.
+//! gets its own code and a message naming the resource and the fix. Storage
+//! failures get a generic message, and the cause is logged on the server.
 
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ pub fn to_status(error: VaultError) -> Status {
         VaultError::Token(token_error) => token_status(&token_error),
         VaultError::Integrity(id) => Status::data_loss(format!(
             "stored credentials of connection {id} failed integrity checks: the record was altered or \
-             holds ciphertext from another record; restore it from a backup or register the connection again"
+             holds ciphertext from another record; restore it from a backup, or delete the connection and register it again"
         )),
         VaultError::Busy(_) => Status::aborted(error.to_string()),
         VaultError::Store(StoreError::Corrupt { key, reason }) => {
@@ -79,8 +79,9 @@ fn rate_limited(message: String, retry_after: Duration) -> Status {
     Status::with_error_details(Code::ResourceExhausted, message, details)
 }
 
-/// A failed verification: the message names the first failed check, its
-/// reason and its remediation; the details list every failed check.
+/// Builds the status of a failed verification. The message names the first
+/// failed check, its reason and its remediation, and the details list every
+/// failed check.
 pub fn verification_status(report: &Report) -> Status {
     let first = report.first_failure();
     let summary = match first {

@@ -127,10 +127,11 @@ pub fn labels(value: HashMap<String, String>) -> Result<BTreeMap<String, String>
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
         if !key_ok {
+            let shown: String = key.chars().take(64).collect();
             return Err(invalid(
                 "labels",
                 format!(
-                    "key {key:?} must be 1 to {MAX_LABEL_KEY_BYTES} characters of letters, digits, '_', '-', '.' or '/'"
+                    "key {shown:?} must be 1 to {MAX_LABEL_KEY_BYTES} characters of letters, digits, '_', '-', '.' or '/'"
                 ),
             ));
         }
@@ -226,4 +227,38 @@ pub fn encode_page_token(last_id: &str) -> String {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     URL_SAFE_NO_PAD.encode(last_id)
+}
+
+/// Fields that UpdateConnection can change, as named in its update mask.
+pub const UPDATABLE_FIELDS: [&str; 3] = ["display_name", "labels", "required_scope_groups"];
+
+/// Validates an update mask and returns its paths without repeats.
+pub fn update_mask(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>, Status> {
+    let paths = mask.map(|m| m.paths).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(invalid(
+            "update_mask",
+            format!(
+                "is required; name the fields to change: {}",
+                UPDATABLE_FIELDS.join(", ")
+            ),
+        ));
+    }
+    let mut fields: Vec<String> = Vec::new();
+    for path in paths {
+        if !UPDATABLE_FIELDS.contains(&path.as_str()) {
+            let shown: String = path.chars().take(64).collect();
+            return Err(invalid(
+                "update_mask",
+                format!(
+                    "cannot change {shown:?}; updatable fields are {} (use RotateCredentials for credentials)",
+                    UPDATABLE_FIELDS.join(", ")
+                ),
+            ));
+        }
+        if !fields.contains(&path) {
+            fields.push(path);
+        }
+    }
+    Ok(fields)
 }

@@ -31,21 +31,25 @@ impl Store {
     }
 
     pub async fn put_check_value(&self, key_id: &str, sealed: &Sealed) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
         let name = format!("{CHECK_VALUE_PREFIX}{key_id}");
         self.meta.insert(name.as_bytes(), encode(sealed))?;
-        self.flush().await
+        self.db.flush_async().await?;
+        Ok(())
     }
 
     pub async fn remove_check_value(&self, key_id: &str) -> Result<(), StoreError> {
+        let _write = self.writes.lock().await;
         let name = format!("{CHECK_VALUE_PREFIX}{key_id}");
         self.meta.remove(name.as_bytes())?;
-        self.flush().await
+        self.db.flush_async().await?;
+        Ok(())
     }
 
     /// Reads every record and check value while no write is in progress, so
     /// the snapshot is one point in time. Writes wait until it is read.
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let _paused = self.write_gate.write().await;
+        let _paused = self.writes.lock().await;
         let check_values = self.check_values()?.into_iter().collect();
         let connections = self.iter().collect::<Result<Vec<_>, _>>()?;
         Ok(Snapshot {
@@ -68,9 +72,7 @@ impl Store {
             let name = format!("{CHECK_VALUE_PREFIX}{key_id}");
             self.meta.insert(name.as_bytes(), encode(sealed))?;
         }
-        for record in &snapshot.connections {
-            self.insert(record).await?;
-        }
-        self.flush().await
+        // Flushes the check values too.
+        self.insert_batch(&snapshot.connections).await
     }
 }

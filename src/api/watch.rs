@@ -1,0 +1,132 @@
+//! `WatchConnectionStatus`: forwards health state changes of the connections
+//! a watcher selected, each change once, until the watcher leaves or the
+//! server shuts down.
+
+use std::collections::HashMap;
+
+use tokio::sync::{broadcast, mpsc, watch};
+use tonic::Status;
+
+use crate::health::{HealthState, StatusEvent};
+use crate::model::Environment;
+use crate::pb;
+use crate::vault::Vault;
+
+use super::convert;
+
+/// Events buffered per watcher before the forwarder waits for it.
+pub const WATCH_BUFFER: usize = 16;
+
+/// Connections selected by a watcher; a `None` field matches any.
+pub struct StatusFilter {
+    pub connection_id: Option<String>,
+    pub tenant_id: Option<i64>,
+    pub environment: Option<Environment>,
+}
+
+impl StatusFilter {
+    fn matches(&self, connection_id: &str, environment: Environment, tenant_id: i64) -> bool {
+        self.connection_id
+            .as_deref()
+            .is_none_or(|id| id == connection_id)
+            && self.tenant_id.is_none_or(|t| t == tenant_id)
+            && self.environment.is_none_or(|e| e == environment)
+    }
+}
+
+pub type EventSender = mpsc::Sender<Result<pb::ConnectionStatusEvent, Status>>;
+
+/// Starts forwarding to `sender`. Subscribes before reading the current
+/// states, so no change between the two is lost.
+pub fn start(
+    vault: &Vault,
+    filter: StatusFilter,
+    send_current_state: bool,
+    sender: EventSender,
+) -> Result<(), Status> {
+    let events = vault.subscribe_status();
+    let mut current = Vec::new();
+    if send_current_state {
+        for record in vault.store().iter() {
+            let record = record.map_err(|e| super::status::to_status(e.into()))?;
+            let Some(health) = record.health else {
+                continue;
+            };
+            if filter.matches(&record.id, record.environment, record.tenant_id) {
+                current.push(StatusEvent {
+                    connection_id: record.id,
+                    environment: record.environment,
+                    tenant_id: record.tenant_id,
+                    previous: None,
+                    health,
+                });
+            }
+        }
+    }
+    tokio::spawn(forward(events, current, filter, vault.stopping(), sender));
+    Ok(())
+}
+
+async fn forward(
+    mut events: broadcast::Receiver<StatusEvent>,
+    current: Vec<StatusEvent>,
+    filter: StatusFilter,
+    mut stopping: watch::Receiver<bool>,
+    sender: EventSender,
+) {
+    // The state last sent per connection, so a change already reported by
+    // the current-state events is not sent again.
+    let mut last_sent: HashMap<String, HealthState> = HashMap::new();
+    for event in current {
+        last_sent.insert(event.connection_id.clone(), event.health.state);
+        if sender
+            .send(Ok(convert::status_event(&event, true)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    loop {
+        let received = tokio::select! {
+            received = events.recv() => received,
+            () = sender.closed() => return,
+            () = stopped(&mut stopping) => {
+                let status = Status::unavailable("stvault is shutting down; watch again");
+                let _ = sender.send(Err(status)).await;
+                return;
+            }
+        };
+        let event = match received {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                let status = Status::aborted(format!(
+                    "this watch fell {missed} events behind; watch again with send_current_state set"
+                ));
+                let _ = sender.send(Err(status)).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if !filter.matches(&event.connection_id, event.environment, event.tenant_id) {
+            continue;
+        }
+        if last_sent.get(&event.connection_id) == Some(&event.health.state) {
+            continue;
+        }
+        last_sent.insert(event.connection_id.clone(), event.health.state);
+        if sender
+            .send(Ok(convert::status_event(&event, false)))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Completes when the server shuts down.
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    // An error means the vault is gone, which also ends the watch.
+    let _ = stopping.wait_for(|stopping| *stopping).await;
+}

@@ -1,0 +1,567 @@
+//! Every error status the API promises, each from a real request against
+//! the real binary and a fake ServiceTitan.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use stvault::pb;
+use support::fake_servicetitan::{FakeApp, FakeServiceTitan, Fault};
+use support::server::Server;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const CLIENT_ID: &str = "cid.errors";
+const SECRET: &str = "cs1.errors-secret";
+const APP_KEY: &str = "ak1.errors-key";
+const TENANT: i64 = 4100;
+
+async fn fake_with_app() -> FakeServiceTitan {
+    let fake = FakeServiceTitan::start().await;
+    fake.add_app(FakeApp::new(CLIENT_ID, SECRET, TENANT, APP_KEY));
+    fake
+}
+
+/// Starts stvault with a short failure cooldown and upstream timeout, so
+/// failure paths are quick to exercise.
+async fn server(fake: &FakeServiceTitan) -> Server {
+    Server::start_with(
+        fake,
+        fake,
+        &[
+            ("STVAULT_TOKEN_FAILURE_COOLDOWN", "100ms"),
+            ("STVAULT_UPSTREAM_TIMEOUT", "1s"),
+        ],
+    )
+    .await
+}
+
+fn register() -> pb::RegisterConnectionRequest {
+    pb::RegisterConnectionRequest {
+        environment: pb::Environment::Production as i32,
+        tenant_id: TENANT,
+        client_id: CLIENT_ID.into(),
+        client_secret: SECRET.into(),
+        app_key: APP_KEY.into(),
+        ..Default::default()
+    }
+}
+
+fn by_id(id: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        connection_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// Asserts the status code and that the message mentions `needle`.
+fn assert_status(status: &tonic::Status, code: Code, needle: &str) {
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    assert!(
+        status.message().contains(needle),
+        "message {:?} does not mention {needle:?}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_arguments_name_the_field() {
+    let fake = fake_with_app().await;
+    let server = server(&fake).await;
+    let mut client = server.client().await;
+    let long = "x".repeat(4097);
+
+    let cases: Vec<(&str, pb::RegisterConnectionRequest)> = vec![
+        (
+            "tenant_id",
+            pb::RegisterConnectionRequest {
+                tenant_id: 0,
+                ..register()
+            },
+        ),
+        (
+            "tenant_id",
+            pb::RegisterConnectionRequest {
+                tenant_id: -5,
+                ..register()
+            },
+        ),
+        (
+            "environment",
+            pb::RegisterConnectionRequest {
+                environment: 0,
+                ..register()
+            },
+        ),
+        (
+            "environment",
+            pb::RegisterConnectionRequest {
+                environment: 9,
+                ..register()
+            },
+        ),
+        (
+            "client_id",
+            pb::RegisterConnectionRequest {
+                client_id: String::new(),
+                ..register()
+            },
+        ),
+        (
+            "client_id",
+            pb::RegisterConnectionRequest {
+                client_id: long.clone(),
+                ..register()
+            },
+        ),
+        (
+            "client_secret",
+            pb::RegisterConnectionRequest {
+                client_secret: String::new(),
+                ..register()
+            },
+        ),
+        (
+            "client_secret",
+            pb::RegisterConnectionRequest {
+                client_secret: format!("{SECRET} "),
+                ..register()
+            },
+        ),
+        (
+            "client_secret",
+            pb::RegisterConnectionRequest {
+                client_secret: format!("\t{SECRET}"),
+                ..register()
+            },
+        ),
+        (
+            "client_secret",
+            pb::RegisterConnectionRequest {
+                client_secret: long.clone(),
+                ..register()
+            },
+        ),
+        (
+            "app_key",
+            pb::RegisterConnectionRequest {
+                app_key: String::new(),
+                ..register()
+            },
+        ),
+        (
+            "app_key",
+            pb::RegisterConnectionRequest {
+                app_key: long.clone(),
+                ..register()
+            },
+        ),
+        (
+            "display_name",
+            pb::RegisterConnectionRequest {
+                display_name: long.clone(),
+                ..register()
+            },
+        ),
+        (
+            "required_scope_groups",
+            pb::RegisterConnectionRequest {
+                required_scope_groups: vec!["billing".into()],
+                ..register()
+            },
+        ),
+    ];
+    for (field, request) in cases {
+        let status = client.register_connection(request).await.expect_err(field);
+        assert_status(&status, Code::InvalidArgument, field);
+        assert!(
+            !status.message().contains(SECRET),
+            "secret echoed for {field}"
+        );
+        let details = status.get_error_details();
+        let bad_request = details.bad_request().expect("BadRequest detail");
+        assert_eq!(bad_request.field_violations[0].field, field);
+    }
+    assert_eq!(
+        fake.token_requests(),
+        0,
+        "invalid requests reach ServiceTitan"
+    );
+
+    let status = client
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: "not-a-uuid".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "connection_id");
+    let status = client
+        .get_connection(pb::GetConnectionRequest::default())
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "connection_id");
+
+    let id = client
+        .register_connection(register())
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id;
+    let status = client
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(
+        &status,
+        Code::InvalidArgument,
+        "at least one of client_id, client_secret or app_key",
+    );
+    let status = client
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: " padded".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "client_secret");
+
+    let status = client
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: id.clone(),
+            min_valid_for: Some(prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "min_valid_for");
+    let status = client
+        .get_access_token(pb::GetAccessTokenRequest::default())
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "connection_id");
+    let status = client
+        .get_access_token(pb::GetAccessTokenRequest {
+            tenant_id: TENANT,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "environment");
+
+    let status = client
+        .list_connections(pb::ListConnectionsRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "page_size");
+    let status = client
+        .list_connections(pb::ListConnectionsRequest {
+            page_token: "garbage!".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::InvalidArgument, "page_token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_connections_are_not_found() {
+    let fake = fake_with_app().await;
+    let server = server(&fake).await;
+    let mut client = server.client().await;
+    let missing = "0190a5e4-0000-7000-8000-000000000000".to_string();
+
+    let status = client
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, &missing);
+    let status = client
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: missing.clone(),
+            client_secret: "cs2.new".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, &missing);
+    let status = client
+        .verify_connection(pb::VerifyConnectionRequest {
+            connection_id: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, &missing);
+    let status = client
+        .delete_connection(pb::DeleteConnectionRequest {
+            connection_id: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, &missing);
+    let status = client.get_access_token(by_id(&missing)).await.unwrap_err();
+    assert_status(&status, Code::NotFound, &missing);
+    let status = client
+        .get_access_token(pb::GetAccessTokenRequest {
+            environment: pb::Environment::Integration as i32,
+            tenant_id: 999,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::NotFound, "tenant 999");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rejected_credentials_fail_precondition() {
+    let fake = fake_with_app().await;
+    let server = server(&fake).await;
+    let mut client = server.client().await;
+
+    let status = client
+        .register_connection(pb::RegisterConnectionRequest {
+            client_secret: "cs1.wrong".into(),
+            ..register()
+        })
+        .await
+        .unwrap_err();
+    assert_status(&status, Code::FailedPrecondition, "invalid_client");
+    let details = status.get_error_details();
+    assert_eq!(
+        details.error_info().expect("ErrorInfo").reason,
+        "VERIFICATION_FAILED"
+    );
+    assert_eq!(
+        details
+            .precondition_failure()
+            .expect("PreconditionFailure")
+            .violations[0]
+            .r#type,
+        "token"
+    );
+
+    let id = client
+        .register_connection(register())
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id;
+    let status = client
+        .rollback_credentials(pb::RollbackCredentialsRequest {
+            connection_id: id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_status(
+        &status,
+        Code::FailedPrecondition,
+        "no previous credential version",
+    );
+
+    // The secret is deactivated behind the vault's back.
+    fake.update_app(CLIENT_ID, |app| {
+        app.client_secrets = vec!["cs2.other".into()]
+    });
+    let status = client.get_access_token(by_id(&id)).await.unwrap_err();
+    assert_status(&status, Code::FailedPrecondition, "invalid_client");
+    assert!(status.message().contains("RotateCredentials"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limiting_is_resource_exhausted() {
+    let fake = fake_with_app().await;
+    let server = server(&fake).await;
+    let mut client = server.client().await;
+    let id = client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..register()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id;
+
+    fake.set_token_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let status = client.get_access_token(by_id(&id)).await.unwrap_err();
+    assert_status(&status, Code::ResourceExhausted, "retry after 30 s");
+    let retry = status
+        .get_error_details()
+        .retry_info()
+        .expect("RetryInfo")
+        .retry_delay;
+    assert_eq!(retry, Some(Duration::from_secs(30)));
+
+    // Within the 30 s, callers get the stored error without a new request.
+    let requests = fake.token_requests();
+    let started = Instant::now();
+    let status = client.get_access_token(by_id(&id)).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(fake.token_requests(), requests);
+
+    let status = client
+        .register_connection(pb::RegisterConnectionRequest {
+            tenant_id: TENANT + 1,
+            ..register()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_failures_are_unavailable_and_not_cached() {
+    let fake = fake_with_app().await;
+    let server = server(&fake).await;
+    let mut client = server.client().await;
+    let id = client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..register()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id;
+
+    let faults = [
+        (Fault::Status(500), "HTTP 500"),
+        (Fault::Status(503), "HTTP 503"),
+        (Fault::Garbage, "not a JSON object"),
+        (Fault::MissingAccessToken, "access_token is missing"),
+        (Fault::Status(302), "unexpected HTTP 302"),
+    ];
+    for (fault, needle) in faults {
+        fake.set_token_fault(fault.clone());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let status = client.get_access_token(by_id(&id)).await.unwrap_err();
+        assert_status(&status, Code::Unavailable, needle);
+        assert!(
+            !status.message().contains("<html"),
+            "upstream body echoed: {}",
+            status.message()
+        );
+    }
+
+    fake.set_token_fault(Fault::None);
+    let overrides = [
+        (json!(null), "expires_in is missing"),
+        (json!(0), "expires_in is not positive"),
+        (json!(-60), "expires_in is not positive"),
+        (json!("soon"), "not a whole number"),
+        (json!(1e12), "not a whole number"),
+        (json!(10_000_000), "exceeds"),
+    ];
+    for (value, needle) in overrides {
+        fake.set_expires_in_override(Some(value.clone()));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let status = client.get_access_token(by_id(&id)).await.unwrap_err();
+        assert_status(&status, Code::Unavailable, needle);
+    }
+
+    // Nothing failed was cached: once ServiceTitan recovers, the next call
+    // after the cooldown gets a token.
+    fake.set_expires_in_override(None);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let token = client
+        .get_access_token(by_id(&id))
+        .await
+        .expect("recovered")
+        .into_inner();
+    assert!(!token.access_token.is_empty());
+    let logs = server.logs();
+    assert!(!logs.contains("<html"), "an upstream body reached the log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hanging_upstream_is_bounded() {
+    let fake = fake_with_app().await;
+    let other = FakeServiceTitan::start().await;
+    other.add_app(FakeApp::new("cid.other", "cs1.other", 77, APP_KEY));
+    // Production hangs; integration is healthy.
+    let server = Server::start_with(
+        &fake,
+        &other,
+        &[
+            ("STVAULT_UPSTREAM_TIMEOUT", "1s"),
+            ("STVAULT_TOKEN_FAILURE_COOLDOWN", "100ms"),
+        ],
+    )
+    .await;
+    let mut client = server.client().await;
+    let id = client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..register()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id;
+    let other_id = client
+        .register_connection(pb::RegisterConnectionRequest {
+            environment: pb::Environment::Integration as i32,
+            tenant_id: 77,
+            client_id: "cid.other".into(),
+            client_secret: "cs1.other".into(),
+            ..register()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id;
+
+    fake.set_token_fault(Fault::Hang);
+    let hanging = {
+        let mut client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = client.get_access_token(by_id(&id)).await;
+            (result, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    client
+        .get_access_token(by_id(&other_id))
+        .await
+        .expect("other tenant unaffected");
+    assert!(started.elapsed() < Duration::from_millis(500));
+
+    let (result, elapsed) = hanging.await.unwrap();
+    assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+
+    // A caller deadline shorter than the upstream timeout is honoured by the
+    // server. The header is set by hand so that the client does not enforce
+    // the deadline itself.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut request = tonic::Request::new(by_id(&id));
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "300m".parse().unwrap());
+    let started = Instant::now();
+    let status = client.get_access_token(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "took {:?}",
+        started.elapsed()
+    );
+}

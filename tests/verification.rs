@@ -1,0 +1,607 @@
+//! Verification against the fake ServiceTitan: one case per setup mistake
+//! and per kind of upstream trouble, each asserting the failing check and
+//! the setup step its remediation points to.
+
+mod support;
+
+use std::time::Duration;
+
+use stvault::pb;
+use stvault::pb::verification_check::Status as CheckStatus;
+use stvault::pb::verification_report::Outcome;
+use support::fake_servicetitan::{ALL_PROBE_SCOPES, FakeApp, FakeServiceTitan, Fault};
+use support::server::Server;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const CLIENT_ID: &str = "cid.verify";
+const SECRET: &str = "cs1.verify-secret";
+const APP_KEY: &str = "ak1.verify-key";
+const TENANT: i64 = 8450;
+
+/// The ten scope groups: check-name suffix, portal title, probe scope.
+const GROUPS: [(&str, &str, &str); 10] = [
+    ("accounting", "Accounting", "tn.acc.paymenttypes:r"),
+    ("crm", "CRM", "tn.crm.customers:r"),
+    ("dispatch", "Dispatch", "tn.dis.zones:r"),
+    ("forms", "Forms", "tn.frm.forms:r"),
+    ("job_booking", "Job Booking", "tn.jbce.callreasons:r"),
+    (
+        "job_planning",
+        "Job Planning and Management",
+        "tn.jpm.jobtypes:r",
+    ),
+    ("marketing", "Marketing", "tn.mrk.categories:r"),
+    ("pricebook", "Pricebook", "tn.pb.categories:r"),
+    ("settings", "Settings", "tn.stt.businessunits:r"),
+    ("timesheets", "Timesheets", "tn.tms.activitytypes:r"),
+];
+
+fn app() -> FakeApp {
+    FakeApp::new(CLIENT_ID, SECRET, TENANT, APP_KEY)
+}
+
+fn register_request() -> pb::RegisterConnectionRequest {
+    pb::RegisterConnectionRequest {
+        environment: pb::Environment::Integration as i32,
+        tenant_id: TENANT,
+        client_id: CLIENT_ID.into(),
+        client_secret: SECRET.into(),
+        app_key: APP_KEY.into(),
+        display_name: "verification test".into(),
+        ..Default::default()
+    }
+}
+
+/// Starts a fake holding `app` and a vault pointed at it.
+async fn start(app: FakeApp, extra_env: &[(&str, &str)]) -> (FakeServiceTitan, Server) {
+    let fake = FakeServiceTitan::start().await;
+    fake.add_app(app);
+    let server = Server::start_with(&fake, &fake, extra_env).await;
+    (fake, server)
+}
+
+/// Registers without verification, then returns VerifyConnection's report.
+async fn verify_unverified(
+    server: &Server,
+    request: pb::RegisterConnectionRequest,
+) -> pb::VerificationReport {
+    let mut client = server.client().await;
+    let connection = client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..request
+        })
+        .await
+        .expect("register without verification")
+        .into_inner();
+    client
+        .verify_connection(pb::VerifyConnectionRequest {
+            connection_id: connection.connection_id,
+        })
+        .await
+        .expect("VerifyConnection returns a report even when checks fail")
+        .into_inner()
+}
+
+fn check<'a>(report: &'a pb::VerificationReport, name: &str) -> &'a pb::VerificationCheck {
+    report
+        .checks
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no check {name:?} in {report:#?}"))
+}
+
+fn status_of(report: &pb::VerificationReport, name: &str) -> CheckStatus {
+    CheckStatus::try_from(check(report, name).status).expect("known check status")
+}
+
+/// Asserts that `name` is the only failed check, that the report has
+/// `outcome`, and that the remediation contains each of `steps`.
+fn assert_fails_at(report: &pb::VerificationReport, name: &str, outcome: Outcome, steps: &[&str]) {
+    let failed: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Failed as i32)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(failed, vec![name], "failed checks of {report:#?}");
+    assert!(!report.ok);
+    assert_eq!(report.outcome, outcome as i32, "outcome of {report:#?}");
+    let remediation = &check(report, name).remediation;
+    for step in steps {
+        assert!(
+            remediation.contains(step),
+            "remediation of {name} lacks {step:?}: {remediation}"
+        );
+    }
+}
+
+/// Asserts that every check after `name` in the fixed order was skipped.
+fn assert_rest_skipped(report: &pb::VerificationReport, after: &str) {
+    let position = report
+        .checks
+        .iter()
+        .position(|c| c.name == after)
+        .expect("check present");
+    for later in &report.checks[position + 1..] {
+        assert_eq!(
+            later.status,
+            CheckStatus::Skipped as i32,
+            "{} ran after {after} failed",
+            later.name
+        );
+    }
+    assert_eq!(
+        report.checks.len(),
+        4 + GROUPS.len(),
+        "every check reported"
+    );
+}
+
+/// Returns the `check` value of the status's ErrorInfo.
+fn error_info_check(status: &tonic::Status) -> String {
+    let details = status.get_error_details();
+    let info = details.error_info().expect("status carries ErrorInfo");
+    assert_eq!(info.domain, "stvault");
+    info.metadata.get("check").cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn correct_setup_passes_every_check() {
+    let (_fake, server) = start(app(), &[]).await;
+    let report = verify_unverified(&server, register_request()).await;
+    assert!(report.ok, "{report:#?}");
+    assert_eq!(report.outcome, Outcome::Passed as i32);
+    for check in &report.checks {
+        assert_eq!(check.status, CheckStatus::Passed as i32, "{check:?}");
+    }
+    assert_eq!(report.checks.len(), 14);
+    let mut granted = report.granted_scopes.clone();
+    granted.sort();
+    let mut expected: Vec<String> = ALL_PROBE_SCOPES.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(granted, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_secret_fails_token_check() {
+    let (_fake, server) = start(app(), &[]).await;
+    let request = pb::RegisterConnectionRequest {
+        client_secret: "cs1.not-the-secret".into(),
+        ..register_request()
+    };
+    let report = verify_unverified(&server, request.clone()).await;
+    assert_fails_at(
+        &report,
+        "token",
+        Outcome::SetupProblem,
+        &["App Connections", "Client Secret"],
+    );
+    assert!(check(&report, "token").message.contains("invalid_client"));
+    assert_rest_skipped(&report, "token");
+
+    let mut client = server.client().await;
+    let error = client
+        .register_connection(pb::RegisterConnectionRequest {
+            tenant_id: TENANT + 1,
+            ..request
+        })
+        .await
+        .expect_err("registration verifies first");
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(error_info_check(&error), "token");
+    assert!(
+        error.message().contains("Client Secret"),
+        "{}",
+        error.message()
+    );
+    assert!(!error.message().contains("cs1.not-the-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_client_id_fails_token_check() {
+    let (_fake, server) = start(app(), &[]).await;
+    let request = pb::RegisterConnectionRequest {
+        client_id: "cid.someone-else".into(),
+        ..register_request()
+    };
+    let report = verify_unverified(&server, request).await;
+    assert_fails_at(
+        &report,
+        "token",
+        Outcome::SetupProblem,
+        &["App Connections", "Client ID"],
+    );
+    assert_rest_skipped(&report, "token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_environment_credentials_are_named() {
+    let production = FakeServiceTitan::start().await;
+    production.add_app(app());
+    let integration = FakeServiceTitan::start().await;
+    let server = Server::start_with(&production, &integration, &[]).await;
+
+    let report = verify_unverified(&server, register_request()).await;
+    assert_fails_at(
+        &report,
+        "token",
+        Outcome::SetupProblem,
+        &["production environment"],
+    );
+    let message = &check(&report, "token").message;
+    assert!(
+        message.contains("the production environment accepts them"),
+        "{message}"
+    );
+    assert_eq!(integration.token_requests(), 1);
+    assert_eq!(production.token_requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_app_key_fails_app_key_check() {
+    let (_fake, server) = start(app(), &[]).await;
+    let request = pb::RegisterConnectionRequest {
+        app_key: "ak1.not-the-key".into(),
+        ..register_request()
+    };
+    let report = verify_unverified(&server, request).await;
+    assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
+    assert_eq!(status_of(&report, "tenant"), CheckStatus::Passed);
+    assert_fails_at(
+        &report,
+        "app_key",
+        Outcome::SetupProblem,
+        &["Application Key", "Developer Portal"],
+    );
+    assert!(check(&report, "app_key").message.contains("401"));
+    assert_rest_skipped(&report, "app_key");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabled_app_fails_app_key_check() {
+    let mut disabled = app();
+    disabled.app_enabled = false;
+    let (_fake, server) = start(disabled, &[]).await;
+    let report = verify_unverified(&server, register_request()).await;
+    assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
+    assert_fails_at(&report, "app_key", Outcome::SetupProblem, &["not disabled"]);
+    assert_rest_skipped(&report, "app_key");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unconnected_app_fails_tenant_access() {
+    let mut unconnected = app();
+    unconnected.tenant_connected = false;
+    let (_fake, server) = start(unconnected, &[]).await;
+    let report = verify_unverified(&server, register_request()).await;
+    assert_eq!(status_of(&report, "app_key"), CheckStatus::Passed);
+    assert_fails_at(
+        &report,
+        "tenant_access",
+        Outcome::SetupProblem,
+        &["Settings > Integrations > API Application Access"],
+    );
+    assert_rest_skipped(&report, "tenant_access");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_mismatch_fails_tenant_check() {
+    let (_fake, server) = start(app(), &[]).await;
+    let request = pb::RegisterConnectionRequest {
+        tenant_id: 9999,
+        ..register_request()
+    };
+    let report = verify_unverified(&server, request).await;
+    assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
+    assert_fails_at(
+        &report,
+        "tenant",
+        Outcome::SetupProblem,
+        &["Tenant ID", "App Connections"],
+    );
+    let message = &check(&report, "tenant").message;
+    assert!(
+        message.contains("8450") && message.contains("9999"),
+        "{message}"
+    );
+    assert_rest_skipped(&report, "tenant");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_missing_scope_group_warns() {
+    let fake = FakeServiceTitan::start().await;
+    for (index, (_, _, scope)) in GROUPS.iter().enumerate() {
+        let tenant = 100 + index as i64;
+        let mut app = FakeApp::new(format!("cid.scope{index}"), SECRET, tenant, APP_KEY);
+        app.scopes.retain(|s| s != scope);
+        fake.add_app(app);
+    }
+    let server = Server::start(&fake).await;
+
+    for (index, (key, title, scope)) in GROUPS.iter().enumerate() {
+        let request = pb::RegisterConnectionRequest {
+            tenant_id: 100 + index as i64,
+            client_id: format!("cid.scope{index}"),
+            ..register_request()
+        };
+        let report = verify_unverified(&server, request).await;
+        let name = format!("scope:{key}");
+        assert!(
+            report.ok,
+            "a group that is not required only warns: {report:#?}"
+        );
+        assert_eq!(report.outcome, Outcome::Passed as i32);
+        assert_eq!(status_of(&report, &name), CheckStatus::Warning);
+        let warned: Vec<&str> = report
+            .checks
+            .iter()
+            .filter(|c| c.status != CheckStatus::Passed as i32)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(warned, vec![name.as_str()]);
+        let remediation = &check(&report, &name).remediation;
+        assert!(remediation.contains(title), "{remediation}");
+        assert!(remediation.contains(scope), "{remediation}");
+        assert!(remediation.contains("Developer Portal"), "{remediation}");
+        let message = &check(&report, &name).message;
+        assert!(message.contains("does not list it"), "{message}");
+        assert!(!report.granted_scopes.iter().any(|s| s == scope));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_required_group_fails() {
+    let mut partial = app();
+    partial
+        .scopes
+        .retain(|s| s != "tn.pb.categories:r" && s != "tn.mrk.categories:r");
+    let (_fake, server) = start(partial, &[]).await;
+    let request = pb::RegisterConnectionRequest {
+        required_scope_groups: vec!["accounting".into(), "pricebook".into()],
+        ..register_request()
+    };
+
+    let mut client = server.client().await;
+    let error = client
+        .register_connection(request.clone())
+        .await
+        .expect_err("a required group is missing");
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(error_info_check(&error), "scope:pricebook");
+    let details = error.get_error_details();
+    let violations = &details
+        .precondition_failure()
+        .expect("PreconditionFailure detail")
+        .violations;
+    let types: Vec<&str> = violations.iter().map(|v| v.r#type.as_str()).collect();
+    assert_eq!(types, vec!["scope:pricebook"]);
+
+    let report = verify_unverified(&server, request).await;
+    assert_fails_at(
+        &report,
+        "scope:pricebook",
+        Outcome::SetupProblem,
+        &[
+            "Pricebook",
+            "Developer Portal",
+            "accept the new app version",
+        ],
+    );
+    assert_eq!(status_of(&report, "scope:accounting"), CheckStatus::Passed);
+    assert_eq!(status_of(&report, "scope:marketing"), CheckStatus::Warning);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_timeout_is_upstream_trouble() {
+    let (fake, server) = start(app(), &[("STVAULT_UPSTREAM_TIMEOUT", "1s")]).await;
+    fake.set_token_fault(Fault::Hang);
+    let report = verify_unverified(&server, register_request()).await;
+    assert_fails_at(
+        &report,
+        "token",
+        Outcome::UpstreamUnavailable,
+        &["retry the verification later"],
+    );
+    assert!(check(&report, "token").message.contains("timed out"));
+
+    let mut client = server.client().await;
+    let error = client
+        .register_connection(pb::RegisterConnectionRequest {
+            tenant_id: TENANT + 1,
+            ..register_request()
+        })
+        .await
+        .expect_err("ServiceTitan does not answer");
+    assert_eq!(error.code(), Code::Unavailable);
+    assert_eq!(error_info_check(&error), "token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_timeout_is_upstream_trouble() {
+    let (fake, server) = start(app(), &[("STVAULT_UPSTREAM_TIMEOUT", "1s")]).await;
+    fake.set_api_fault(Fault::Hang);
+    let report = verify_unverified(&server, register_request()).await;
+    assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
+    assert_fails_at(
+        &report,
+        "app_key",
+        Outcome::UpstreamUnavailable,
+        &["retry the verification later"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_errors_are_upstream_trouble() {
+    let (fake, server) = start(app(), &[]).await;
+    fake.set_token_fault(Fault::Status(503));
+    let report = verify_unverified(&server, register_request()).await;
+    assert_fails_at(
+        &report,
+        "token",
+        Outcome::UpstreamUnavailable,
+        &["retry the verification later"],
+    );
+    assert!(check(&report, "token").message.contains("HTTP 503"));
+
+    fake.set_token_fault(Fault::None);
+    fake.set_api_fault(Fault::Status(500));
+    let request = pb::RegisterConnectionRequest {
+        tenant_id: TENANT,
+        ..register_request()
+    };
+    let mut client = server.client().await;
+    let listed = client
+        .list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let report = client
+        .verify_connection(pb::VerifyConnectionRequest {
+            connection_id: listed.connections[0].connection_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
+    assert_fails_at(
+        &report,
+        "app_key",
+        Outcome::UpstreamUnavailable,
+        &["retry the verification later"],
+    );
+    client
+        .delete_connection(pb::DeleteConnectionRequest {
+            connection_id: listed.connections[0].connection_id.clone(),
+        })
+        .await
+        .unwrap();
+    let error = client
+        .register_connection(request)
+        .await
+        .expect_err("the API answers 500");
+    assert_eq!(error.code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_are_reported_with_delay() {
+    let (fake, server) = start(app(), &[]).await;
+    fake.set_token_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let report = verify_unverified(&server, register_request()).await;
+    assert_fails_at(
+        &report,
+        "token",
+        Outcome::RateLimited,
+        &["retry the verification later"],
+    );
+    assert!(check(&report, "token").message.contains("30 s"));
+
+    let mut client = server.client().await;
+    let error = client
+        .register_connection(pb::RegisterConnectionRequest {
+            tenant_id: TENANT + 1,
+            ..register_request()
+        })
+        .await
+        .expect_err("rate limited");
+    assert_eq!(error.code(), Code::ResourceExhausted);
+    assert_eq!(error_info_check(&error), "token");
+    let details = error.get_error_details();
+    let retry = details.retry_info().expect("RetryInfo detail");
+    assert_eq!(retry.retry_delay, Some(Duration::from_secs(30)));
+
+    fake.set_token_fault(Fault::None);
+    fake.set_api_fault(Fault::RateLimited {
+        retry_after_secs: 7,
+    });
+    let listed = client
+        .list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let report = client
+        .verify_connection(pb::VerifyConnectionRequest {
+            connection_id: listed.connections[0].connection_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_fails_at(
+        &report,
+        "app_key",
+        Outcome::RateLimited,
+        &["retry the verification later"],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enterprise_hub_names_tenant() {
+    let fake = FakeServiceTitan::start().await;
+    let mut hub = FakeApp::new("cid.hub", SECRET, 0, APP_KEY);
+    hub.enterprise_hub_tenants = vec![501, 502];
+    fake.add_app(hub);
+    fake.add_app(app());
+    let server = Server::start(&fake).await;
+    let mut client = server.client().await;
+
+    let hub_request = |tenant_id: i64| pb::RegisterConnectionRequest {
+        tenant_id,
+        client_id: "cid.hub".into(),
+        enterprise_hub: true,
+        ..register_request()
+    };
+    let first = client
+        .register_connection(hub_request(501))
+        .await
+        .expect("hub tenant 501")
+        .into_inner();
+    assert!(first.enterprise_hub);
+    let form = fake.last_token_form().expect("token requested");
+    assert!(form.contains(&("tenant".into(), "501".into())), "{form:?}");
+
+    let second = client
+        .register_connection(hub_request(502))
+        .await
+        .expect("the same credentials for hub tenant 502")
+        .into_inner();
+    assert_ne!(first.connection_id, second.connection_id);
+    let token = client
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: second.connection_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("token for tenant 502")
+        .into_inner();
+    assert_eq!(token.tenant_id, 502);
+    let form = fake.last_token_form().expect("token requested");
+    assert!(form.contains(&("tenant".into(), "502".into())), "{form:?}");
+
+    // A tenant outside the hub.
+    let report = verify_unverified(&server, hub_request(503)).await;
+    assert_fails_at(&report, "token", Outcome::SetupProblem, &["Enterprise Hub"]);
+
+    // Hub credentials registered without the flag.
+    let report = verify_unverified(
+        &server,
+        pb::RegisterConnectionRequest {
+            enterprise_hub: false,
+            ..hub_request(504)
+        },
+    )
+    .await;
+    assert_fails_at(&report, "token", Outcome::SetupProblem, &["enterprise_hub"]);
+    let form = fake.last_token_form().expect("token requested");
+    assert!(!form.iter().any(|(name, _)| name == "tenant"), "{form:?}");
+
+    // Ordinary credentials never send the field.
+    client
+        .register_connection(register_request())
+        .await
+        .expect("ordinary connection");
+    let form = fake.last_token_form().expect("token requested");
+    assert!(!form.iter().any(|(name, _)| name == "tenant"), "{form:?}");
+}

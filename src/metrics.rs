@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 
 use crate::model::Environment;
 use crate::servicetitan::TokenError;
-use crate::store::{ConnectionRecord, Store, VersionState};
+use crate::store::{ConnectionRecord, Store};
 
 /// Distinct tenant ids labelled before further tenants share the label
 /// value "other", so opting in cannot grow the series count without bound.
@@ -258,20 +258,13 @@ pub fn record_audit_event() {
     METRICS.audit_events.inc();
 }
 
-/// Returns the state a connection is counted under: `rotation_pending`
-/// while a rotation is being verified, else `verified` once a verification
-/// has passed and `unverified` before.
+/// Returns the state a connection is counted under: its health state
+/// (`healthy`, `degraded`, `needs_attention`) once a verification has run,
+/// else `unchecked`.
 pub fn connection_state(record: &ConnectionRecord) -> &'static str {
-    if record
-        .versions
-        .iter()
-        .any(|v| v.state == VersionState::Pending)
-    {
-        "rotation_pending"
-    } else if record.last_verified_at.is_some() {
-        "verified"
-    } else {
-        "unverified"
+    match &record.health {
+        Some(health) => health.state.as_str(),
+        None => "unchecked",
     }
 }
 

@@ -655,8 +655,8 @@ async fn metrics_count_rpcs_cache_and_upstream() {
         r#"stvault_token_cache_requests_total{result="miss"} 1"#,
         r#"stvault_upstream_token_requests_total{environment="integration",outcome="ok",tenant_id="1"} 1"#,
         r#"stvault_upstream_token_duration_seconds_count{environment="integration"} 1"#,
-        r#"stvault_connections{environment="integration",state="verified"} 1"#,
-        r#"stvault_connections{environment="integration",state="unverified"} 1"#,
+        r#"stvault_connections{environment="integration",state="healthy"} 1"#,
+        r#"stvault_connections{environment="integration",state="unchecked"} 1"#,
         "stvault_audit_events_written_total 0",
         "# EOF",
     ] {

@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file_descriptors = protox::compile(
         [
             "proto/stvault/v1/vault.proto",
+            "proto/stvault/v1/admin.proto",
             "proto/google/rpc/error_details.proto",
         ],
         ["proto"],

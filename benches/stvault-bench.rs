@@ -218,6 +218,9 @@ fn config(fake: &FakeServiceTitan, data_dir: &Path, key_text: &SecretString) -> 
         },
         tls: None,
         policy: None,
+        shutdown_grace: Duration::from_secs(10),
+        metrics: None,
+        health_listen: None,
     }
 }
 
@@ -408,7 +411,7 @@ async fn build_store(data_dir: &Path, key_text: &SecretString, count: usize) {
     std::fs::create_dir_all(data_dir).expect("the data directory can be created");
     let store = Store::open(data_dir).expect("a new store opens");
     store
-        .check_master_key(&master_key)
+        .put_check_value(master_key.id(), &master_key.seal_check_value())
         .await
         .expect("a new store records the key");
     let mut batch = Vec::with_capacity(10_000);

@@ -368,6 +368,7 @@ impl Broker {
                 if now >= token.refresh_at && inflight.is_none() && state.cooldown.is_none() {
                     self.start_fetch(slot, &mut state);
                 }
+                crate::metrics::record_token_cache(true);
                 return Lookup::Ready(Ok(token));
             }
         }
@@ -379,6 +380,7 @@ impl Broker {
                 None => Lookup::Ready(Err(cooldown.error_at(now))),
             };
         }
+        crate::metrics::record_token_cache(false);
         match inflight {
             Some(receiver) => Lookup::Wait(receiver),
             None => Lookup::Wait(self.start_fetch(slot, &mut state)),
@@ -419,6 +421,12 @@ impl Broker {
         let requested = Instant::now();
         let requested_wall = SystemTime::now();
         let result = self.source.request_token(credentials).await;
+        crate::metrics::record_upstream_token(
+            credentials.environment,
+            credentials.tenant_id,
+            &result,
+            requested.elapsed(),
+        );
         let connection_id = &credentials.connection_id;
         match &result {
             Ok(issued) => tracing::debug!(

@@ -28,8 +28,10 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
     pub data_dir: PathBuf,
 
-    /// File holding the base64 master key (32 bytes); it must not be readable
-    /// by group or others. STVAULT_MASTER_KEY may hold the key instead.
+    /// File with the master keyring: one base64 key (32 bytes) per line,
+    /// optionally preceded by its id, oldest first. New data is wrapped under
+    /// the last key. The file must not be readable by group or others.
+    /// STVAULT_MASTER_KEY may contain the same text instead.
     #[arg(long, env = "STVAULT_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
 
@@ -90,6 +92,37 @@ pub struct ServeArgs {
     /// Reloaded on SIGHUP.
     #[arg(long, env = "STVAULT_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
+
+    /// After SIGTERM or SIGINT, how long in-flight RPCs may take to finish
+    /// before open connections are closed, such as "10s".
+    #[arg(long, env = "STVAULT_SHUTDOWN_GRACE", default_value = DEFAULT_SHUTDOWN_GRACE)]
+    pub shutdown_grace: String,
+
+    /// Address of the Prometheus metrics listener (GET /metrics), such as
+    /// 127.0.0.1:9090. Metrics are off when unset.
+    #[arg(long, env = "STVAULT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
+    /// Address of a plaintext listener that serves only the gRPC health
+    /// service, for probes that cannot speak TLS (such as Kubernetes gRPC
+    /// probes), such as 0.0.0.0:8081. Off when unset.
+    #[arg(long, env = "STVAULT_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+
+    /// Label upstream token request metrics with the tenant id, for at most
+    /// 1000 tenants.
+    #[arg(long, env = "STVAULT_METRICS_TENANT_LABELS")]
+    pub metrics_tenant_labels: bool,
+}
+
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+
+/// Settings of the metrics listener.
+#[derive(Clone, Debug)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+    /// Whether upstream token request metrics carry a `tenant_id` label.
+    pub tenant_labels: bool,
 }
 
 /// Where the master key comes from.
@@ -113,6 +146,9 @@ pub struct Config {
     /// The policy file and its validated contents; every caller is allowed
     /// when unset.
     pub policy: Option<(PathBuf, Policy)>,
+    pub shutdown_grace: Duration,
+    pub metrics: Option<MetricsSettings>,
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -130,20 +166,9 @@ impl Config {
             }
         };
 
-        let env_key = std::env::var(ENV_MASTER_KEY).ok().filter(|v| !v.is_empty());
-        let master_key = match (args.master_key_file, env_key) {
-            (Some(_), Some(_)) => {
-                errors.push(format!(
-                    "STVAULT_MASTER_KEY_FILE and {ENV_MASTER_KEY} are both set; set only one"
-                ));
-                None
-            }
-            (Some(path), None) => Some(MasterKeySource::File(path)),
-            (None, Some(text)) => Some(MasterKeySource::Environment(text.into())),
-            (None, None) => Some(MasterKeySource::DataDir(
-                args.data_dir.join(DEFAULT_KEY_FILE_NAME),
-            )),
-        };
+        let master_key = master_key_source(args.master_key_file, &args.data_dir)
+            .map_err(|e| errors.push(e))
+            .ok();
 
         let mut url =
             |setting: &str, value: &str| match servicetitan::parse_endpoint(setting, value) {
@@ -174,6 +199,40 @@ impl Config {
             "STVAULT_TOKEN_FAILURE_COOLDOWN",
             &args.token_failure_cooldown,
         );
+        let shutdown_grace = duration("STVAULT_SHUTDOWN_GRACE", &args.shutdown_grace);
+
+        let metrics_listen = match args.metrics_listen.as_deref().filter(|v| !v.is_empty()) {
+            None => None,
+            Some(value) => match value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    errors.push(
+                        "STVAULT_METRICS_LISTEN: expected an address and port such as 127.0.0.1:9090"
+                            .into(),
+                    );
+                    None
+                }
+            },
+        };
+        let health_listen = match args.health_listen.as_deref().filter(|v| !v.is_empty()) {
+            None => None,
+            Some(value) => match value.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    errors.push(
+                        "STVAULT_HEALTH_LISTEN: expected an address and port such as 0.0.0.0:8081"
+                            .into(),
+                    );
+                    None
+                }
+            },
+        };
+        if args.metrics_tenant_labels && metrics_listen.is_none() {
+            errors.push(
+                "STVAULT_METRICS_TENANT_LABELS is set but metrics are off; set STVAULT_METRICS_LISTEN too"
+                    .into(),
+            );
+        }
 
         let health_interval = match parse_check_interval(&args.health_check_interval) {
             Ok(interval) => Some(interval),
@@ -261,7 +320,32 @@ impl Config {
             },
             tls,
             policy,
+            shutdown_grace: shutdown_grace.expect(unwrap),
+            metrics: metrics_listen.map(|listen| MetricsSettings {
+                listen,
+                tenant_labels: args.metrics_tenant_labels,
+            }),
+            health_listen,
         })
+    }
+}
+
+/// Chooses the master key source: `STVAULT_MASTER_KEY_FILE`, else
+/// `STVAULT_MASTER_KEY`, else the key file in the data directory.
+pub fn master_key_source(
+    file: Option<PathBuf>,
+    data_dir: &Path,
+) -> Result<MasterKeySource, String> {
+    let env_key = std::env::var(ENV_MASTER_KEY).ok().filter(|v| !v.is_empty());
+    match (file, env_key) {
+        (Some(_), Some(_)) => Err(format!(
+            "STVAULT_MASTER_KEY_FILE and {ENV_MASTER_KEY} are both set; set only one"
+        )),
+        (Some(path), None) => Ok(MasterKeySource::File(path)),
+        (None, Some(text)) => Ok(MasterKeySource::Environment(text.into())),
+        (None, None) => Ok(MasterKeySource::DataDir(
+            data_dir.join(DEFAULT_KEY_FILE_NAME),
+        )),
     }
 }
 

@@ -2,14 +2,21 @@
 //! integrations. `open` opens the data directory, checks the master key and
 //! loads the policy; `serve` runs the gRPC server until shutdown.
 
+pub mod admin;
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod backup;
 pub mod broker;
+pub mod commands;
 pub mod config;
 pub mod crypto;
+pub mod datadir;
 pub mod health;
+pub mod keyring;
+pub mod metrics;
 pub mod model;
+pub mod rewrap;
 pub mod secret;
 pub mod servicetitan;
 pub mod store;
@@ -17,17 +24,15 @@ pub mod testhook;
 pub mod vault;
 pub mod verify;
 
-use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::config::{Config, MasterKeySource};
-use crate::crypto::MasterKey;
-use crate::store::{KeyCheck, Store};
+use crate::config::Config;
+use crate::store::Store;
 
 /// Generated protobuf and gRPC code for `stvault.v1`.
 pub mod pb {
@@ -50,35 +55,82 @@ pub struct Opened {
     pub audit: Arc<audit::AuditLog>,
     pub tls: Option<auth::tls::TlsFiles>,
     pub health: health::HealthSettings,
+    /// Held until the process exits, so no other stvault opens the directory.
+    pub lock: datadir::DataDirLock,
+    /// Time allowed for in-flight RPCs after a shutdown request.
+    pub shutdown_grace: Duration,
+    /// The bound metrics listener, when metrics are enabled.
+    pub metrics_listener: Option<TcpListener>,
+    /// The bound health-only listener, when enabled.
+    pub health_listener: Option<TcpListener>,
 }
 
-/// Loads the master key, opens the data directory and checks that the key
-/// is the one the directory was written with.
+/// Locks the data directory, loads the master keyring, and checks that every
+/// connection's data key unwraps with it.
 pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     testhook::init_from_env();
-    create_data_dir(&config.data_dir)?;
-    let master_key = load_master_key(&config.master_key)?;
+    datadir::create(&config.data_dir).map_err(StartupError)?;
+    let lock = datadir::lock(&config.data_dir, datadir::DEFAULT_LOCK_WAIT)
+        .map_err(|e| StartupError(e.to_string()))?;
+    let keyring = keyring::load(&config.master_key).map_err(StartupError)?;
     let store = Store::open(&config.data_dir).map_err(|e| {
         StartupError(format!(
             "cannot open the database in {}: {e}",
             config.data_dir.display()
         ))
     })?;
-    match store
-        .check_master_key(&master_key)
+    let checked = keyring::check(&store, &keyring)
         .await
-        .map_err(|e| StartupError(format!("cannot read the data directory: {e}")))?
-    {
-        KeyCheck::Matches => {}
-        KeyCheck::Mismatch { stored_key_ids } => {
-            return Err(StartupError(format!(
-                "the configured master key ({}) is not the key this data directory was written with ({}); \
-                 configure the original key",
-                master_key.id(),
-                stored_key_ids.join(", ")
-            )));
-        }
+        .map_err(StartupError)?;
+    if !checked.undecryptable.is_empty() {
+        tracing::warn!(
+            count = checked.undecryptable.len(),
+            connections = %checked.describe_undecryptable(),
+            "connections failed integrity checks and cannot be used; restore them from a backup or delete them"
+        );
     }
+    for key_id in &checked.retired_key_ids {
+        tracing::info!(key.id = %key_id, "master key retired: it is no longer configured and no connection uses it");
+    }
+    tracing::info!(
+        keys = ?keyring,
+        newest = keyring.newest().id(),
+        connections_by_key = ?checked.connections_by_key,
+        "master keyring checked"
+    );
+
+    let metrics_listener = match &config.metrics {
+        Some(settings) => {
+            metrics::set_tenant_labels(settings.tenant_labels);
+            let listener = TcpListener::bind(settings.listen).await.map_err(|e| {
+                StartupError(format!(
+                    "cannot bind the metrics listener {}: {e}",
+                    settings.listen
+                ))
+            })?;
+            let local = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(listen = %local, "metrics listening");
+            Some(listener)
+        }
+        None => None,
+    };
+    let health_listener = match config.health_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                StartupError(format!("cannot bind the health listener {addr}: {e}"))
+            })?;
+            let local = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(listen = %local, "health listening");
+            Some(listener)
+        }
+        None => None,
+    };
 
     let audit = audit::AuditLog::open(store.db())
         .map_err(|e| StartupError(format!("cannot open the audit trail: {e}")))?;
@@ -87,7 +139,7 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     let client =
         servicetitan::ServiceTitanClient::new(config.client.clone()).map_err(StartupError)?;
     let broker = Arc::new(broker::Broker::new(client, config.broker.clone()));
-    let vault = Arc::new(vault::Vault::new(store, broker, master_key));
+    let vault = Arc::new(vault::Vault::new(store, broker, keyring));
     let cleaned = vault
         .discard_stale_pending()
         .await
@@ -101,6 +153,10 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         auth: Arc::new(auth),
         audit: Arc::new(audit),
         tls: config.tls.clone(),
+        lock,
+        shutdown_grace: config.shutdown_grace,
+        metrics_listener,
+        health_listener,
     })
 }
 
@@ -138,17 +194,20 @@ fn authenticator(config: &Config) -> auth::Authenticator {
     }
 }
 
-/// Serves the gRPC API on `listener` until `shutdown` completes.
+/// Serves the gRPC API on `listener` until `shutdown` completes, then waits
+/// up to the grace period for open connections to finish their RPCs, closes
+/// whatever is still open, and flushes the database.
 pub async fn serve(
     opened: Opened,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartupError> {
-    let service = pb::credential_vault_server::CredentialVaultServer::new(api::VaultService::new(
+    let api = Arc::new(api::VaultService::new(
         opened.vault.clone(),
         opened.auth.clone(),
         opened.audit.clone(),
     ));
+    let service = pb::credential_vault_server::CredentialVaultServer::from_arc(api.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -166,10 +225,31 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| StartupError(format!("cannot build the reflection service: {e}")))?;
 
+    let admin =
+        pb::admin_server::AdminServer::new(admin::AdminService::new(opened.vault.clone(), api));
+    let store = opened.vault.store().clone();
+    let (stopping, stop_requested) = tokio::sync::watch::channel(false);
+    let metrics_task = opened.metrics_listener.map(|listener| {
+        let mut stop = stop_requested.clone();
+        let shutdown = async move {
+            let _ = stop.wait_for(|stopping| *stopping).await;
+        };
+        tokio::spawn(metrics::serve(listener, store.clone(), shutdown))
+    });
+
+    let health_task = opened.health_listener.map(|listener| {
+        let mut stop = stop_requested.clone();
+        let health_only = tonic::transport::Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop.wait_for(|stopping| *stopping).await;
+            });
+        tokio::spawn(health_only)
+    });
+
     // Health and reflection need no credentials: health reports only
     // whether the server is up, for probes, and reflection returns the
     // public schema that grpcurl needs before it can call anything.
-    let store = opened.vault.store().clone();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &opened.tls {
         builder = builder
@@ -182,11 +262,18 @@ pub async fn serve(
         opened.vault.broker().take_rejections(),
     ));
     let vault = opened.vault.clone();
-    let shutdown = async move {
+    let signal = async move {
         shutdown.await;
         // Status watches never end on their own, so end them for the
         // graceful shutdown to finish.
         vault.stop_watchers();
+        health_reporter
+            .set_not_serving::<pb::credential_vault_server::CredentialVaultServer<api::VaultService>>()
+            .await;
+        health_reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        let _ = stopping.send(true);
     };
 
     // Nagle's algorithm would hold back the second write of a response (a
@@ -200,96 +287,38 @@ pub async fn serve(
         }
         accepted
     });
-    let served = builder
+    let server = builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let mut stop = stop_requested.clone();
+    let grace_elapsed = async move {
+        let _ = stop.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(opened.shutdown_grace).await;
+    };
+    // Tonic's graceful shutdown waits for every connection to close, and an
+    // idle client may keep one open indefinitely, so the wait is bounded.
+    tokio::select! {
+        result = server => result.map_err(|e| StartupError(format!("gRPC server failed: {e}")))?,
+        () = grace_elapsed => tracing::warn!(
+            grace_ms = opened.shutdown_grace.as_millis() as u64,
+            "shutdown grace period elapsed; closing the connections still open"
+        ),
+    }
     checker.abort();
-    served.map_err(|e| StartupError(format!("gRPC server failed: {e}")))?;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    if let Some(task) = health_task {
+        task.abort();
+    }
     store
         .flush()
         .await
         .map_err(|e| StartupError(format!("cannot flush the database: {e}")))?;
+    tracing::info!("database flushed");
     Ok(())
-}
-
-fn create_data_dir(dir: &Path) -> Result<(), StartupError> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| {
-            StartupError(format!(
-                "cannot create data directory {}: {e}",
-                dir.display()
-            ))
-        })
-}
-
-fn load_master_key(source: &MasterKeySource) -> Result<MasterKey, StartupError> {
-    match source {
-        MasterKeySource::Environment(text) => MasterKey::from_base64(text.expose())
-            .map_err(|e| StartupError(format!("{}: {e}", config::ENV_MASTER_KEY))),
-        MasterKeySource::File(path) => read_key_file(path),
-        MasterKeySource::DataDir(path) if path.exists() => {
-            tracing::warn!(
-                path = %path.display(),
-                "using the master key stored in the data directory; in production, keep it elsewhere \
-                 and set STVAULT_MASTER_KEY_FILE"
-            );
-            read_key_file(path)
-        }
-        MasterKeySource::DataDir(path) => generate_key_file(path),
-    }
-}
-
-fn read_key_file(path: &Path) -> Result<MasterKey, StartupError> {
-    config::check_key_file_mode(path).map_err(StartupError)?;
-    let text = crate::secret::SecretString::new(std::fs::read_to_string(path).map_err(|e| {
-        StartupError(format!(
-            "cannot read master key file {}: {e}",
-            path.display()
-        ))
-    })?);
-    MasterKey::from_base64(text.expose())
-        .map_err(|e| StartupError(format!("master key file {}: {e}", path.display())))
-}
-
-fn generate_key_file(path: &Path) -> Result<MasterKey, StartupError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let (key, text) = MasterKey::generate();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            StartupError(format!(
-                "cannot create master key file {}: {e}",
-                path.display()
-            ))
-        })?;
-    file.write_all(text.expose().as_bytes())
-        .and_then(|()| file.write_all(b"\n"))
-        .and_then(|()| file.sync_all())
-        .map_err(|e| {
-            StartupError(format!(
-                "cannot write master key file {}: {e}",
-                path.display()
-            ))
-        })?;
-    tracing::warn!(
-        path = %path.display(),
-        key.id = key.id(),
-        "generated a new master key inside the data directory; in production, keep the key elsewhere \
-         (STVAULT_MASTER_KEY_FILE) and back it up separately from the data"
-    );
-    Ok(key)
 }

@@ -1,13 +1,15 @@
 //! The `stvault` command: `serve` runs the vault, `keygen` makes a bearer
-//! key for the policy, `audit verify` checks the audit chain.
+//! key for the policy, `audit verify` checks the audit chain, and
+//! `master-key`, `rewrap`, `backup` and `restore` manage keys and data.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+use stvault::commands::{self, BackupArgs, RestoreArgs, RewrapArgs};
 use stvault::config::{Config, ServeArgs};
 
 /// Exit code for invalid configuration (EX_CONFIG from sysexits.h).
@@ -24,8 +26,19 @@ const EXIT_CHAIN_BROKEN: u8 = 65;
     about = "Credential vault and token broker for ServiceTitan integrations"
 )]
 struct Cli {
+    /// Log line format on stderr: text for people, json (one object per
+    /// line) for log shippers.
+    #[arg(long, global = true, env = "STVAULT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +50,25 @@ enum Command {
     /// Inspect the audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Manage master keys.
+    #[command(subcommand)]
+    MasterKey(MasterKeyCommand),
+    /// Re-wrap every data key under the newest master key, so older keys can
+    /// be removed. Runs while the server is stopped; safe to interrupt and
+    /// run again.
+    Rewrap(RewrapArgs),
+    /// Write a backup file of a running server (or of a stopped data
+    /// directory); secrets stay sealed under the master keys.
+    Backup(BackupArgs),
+    /// Create a data directory from a backup file.
+    Restore(RestoreArgs),
+}
+
+#[derive(Subcommand)]
+enum MasterKeyCommand {
+    /// Print a new master key as a keyring line; append it to the key file
+    /// to make it the key new data is wrapped under.
+    Generate,
 }
 
 #[derive(Args)]
@@ -66,13 +98,27 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
-    match cli.command {
-        Command::Serve(args) => tokio::runtime::Runtime::new()
-            .expect("the tokio runtime starts on any supported OS")
-            .block_on(serve(*args)),
-        Command::Keygen(args) => keygen(args),
-        Command::Audit(AuditCommand::Verify { data_dir }) => audit_verify(&data_dir),
+    init_tracing(cli.log_format);
+    let runtime =
+        tokio::runtime::Runtime::new().expect("the tokio runtime starts on any supported OS");
+    let result = match cli.command {
+        Command::Serve(args) => return runtime.block_on(serve(*args)),
+        Command::Keygen(args) => return keygen(args),
+        Command::Audit(AuditCommand::Verify { data_dir }) => return audit_verify(&data_dir),
+        Command::MasterKey(MasterKeyCommand::Generate) => {
+            commands::keygen();
+            Ok(())
+        }
+        Command::Rewrap(args) => runtime.block_on(commands::rewrap(args)),
+        Command::Backup(args) => runtime.block_on(commands::backup(args)),
+        Command::Restore(args) => runtime.block_on(commands::restore(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("stvault: {message}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -136,13 +182,21 @@ fn audit_verify(data_dir: &std::path::Path) -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {

@@ -14,14 +14,19 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
-use crate::crypto::{MasterKey, Sealed};
+use crate::crypto::Sealed;
 use crate::health::Health;
 use crate::model::Environment;
 
+/// Subdirectory of the data directory with the sled database.
+pub const DB_DIR_NAME: &str = "db";
 const CONNECTIONS_TREE: &str = "connections";
 const TENANT_INDEX_TREE: &str = "tenant_index";
 const META_TREE: &str = "meta";
 const CHECK_VALUE_PREFIX: &str = "master_key_check/";
+
+mod maintenance;
+pub use maintenance::Snapshot;
 
 /// A stored connection. Secret fields are sealed under the connection's data
 /// key, which is itself wrapped under a master key.
@@ -109,15 +114,6 @@ pub enum StoreError {
     NotFound(String),
 }
 
-/// Outcome of checking the configured master key against the data directory.
-#[derive(Debug)]
-pub enum KeyCheck {
-    /// The directory was written with this key, or is new and now records it.
-    Matches,
-    /// The directory was written with other keys, listed by id.
-    Mismatch { stored_key_ids: Vec<String> },
-}
-
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -137,7 +133,7 @@ impl Store {
         // flusher would add nothing but another party to the deadlock that
         // `writes` prevents.
         let db = sled::Config::new()
-            .path(dir.join("db"))
+            .path(dir.join(DB_DIR_NAME))
             .flush_every_ms(None)
             .open()?;
         Ok(Self {
@@ -147,46 +143,6 @@ impl Store {
             db,
             writes: Arc::new(tokio::sync::Mutex::new(())),
         })
-    }
-
-    /// Checks that `key` is the master key this directory was written with,
-    /// recording its check value if the directory has none yet.
-    pub async fn check_master_key(&self, key: &MasterKey) -> Result<KeyCheck, StoreError> {
-        let _write = self.writes.lock().await;
-        let own = format!("{CHECK_VALUE_PREFIX}{}", key.id());
-        let mut stored_key_ids = Vec::new();
-        for entry in self.meta.scan_prefix(CHECK_VALUE_PREFIX) {
-            let (name, value) = entry?;
-            let name = String::from_utf8_lossy(&name).into_owned();
-            if name == own {
-                let sealed: Sealed = decode(&name, &value)?;
-                if key.open_check_value(&sealed) {
-                    return Ok(KeyCheck::Matches);
-                }
-            }
-            stored_key_ids.push(name[CHECK_VALUE_PREFIX.len()..].to_owned());
-        }
-        if !stored_key_ids.is_empty() || !self.connections.is_empty() {
-            if stored_key_ids.is_empty() {
-                stored_key_ids = self.referenced_key_ids()?;
-            }
-            return Ok(KeyCheck::Mismatch { stored_key_ids });
-        }
-        self.meta
-            .insert(own.as_bytes(), encode(&key.seal_check_value()))?;
-        self.sync().await?;
-        Ok(KeyCheck::Matches)
-    }
-
-    fn referenced_key_ids(&self) -> Result<Vec<String>, StoreError> {
-        let mut ids: Vec<String> = Vec::new();
-        for record in self.iter() {
-            let record = record?;
-            if !ids.contains(&record.master_key_id) {
-                ids.push(record.master_key_id);
-            }
-        }
-        Ok(ids)
     }
 
     pub fn len(&self) -> usize {

@@ -10,6 +10,7 @@ use tokio::sync::{broadcast, watch};
 use crate::broker::{Broker, CachedToken, Credentials, Slot};
 use crate::crypto::{DataKey, MasterKey};
 use crate::health::{Health, HealthState, StatusEvent};
+use crate::keyring::Keyring;
 use crate::model::Environment;
 use crate::secret::SecretString;
 use crate::servicetitan::TokenError;
@@ -98,7 +99,9 @@ pub struct IssuedAccess {
 pub struct Vault {
     store: Store,
     broker: Arc<Broker>,
-    master_key: MasterKey,
+    /// Master keys: new data keys are wrapped under the newest, and each
+    /// record is unwrapped with the key it names.
+    keyring: Keyring,
     /// Serializes credential changes per connection, so a rotation's
     /// verification runs without a concurrent rotation racing it.
     change_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -109,11 +112,11 @@ pub struct Vault {
 }
 
 impl Vault {
-    pub fn new(store: Store, broker: Arc<Broker>, master_key: MasterKey) -> Self {
+    pub fn new(store: Store, broker: Arc<Broker>, keyring: impl Into<Keyring>) -> Self {
         Self {
             store,
             broker,
-            master_key,
+            keyring: keyring.into(),
             change_locks: Mutex::new(HashMap::new()),
             status_events: broadcast::channel(STATUS_EVENT_BUFFER).0,
             stopping: watch::channel(false).0,
@@ -137,6 +140,10 @@ impl Vault {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     pub fn broker(&self) -> &Arc<Broker> {
@@ -200,7 +207,7 @@ impl Vault {
             health = Some(Health::after(None, 1, &report));
         }
 
-        let mut record = new_record(&self.master_key, id, &new, caller);
+        let mut record = new_record(self.keyring.newest(), id, &new, caller);
         record.last_verified_at = last_verified_at;
         record.health = health;
         match self.store.insert(&record).await {
@@ -275,12 +282,10 @@ impl Vault {
         })
     }
 
+    /// Unwraps a record's data key with the master key the record names.
     fn data_key(&self, record: &ConnectionRecord) -> Result<DataKey, VaultError> {
-        if record.master_key_id != self.master_key.id() {
-            return Err(VaultError::Integrity(record.id.clone()));
-        }
-        self.master_key
-            .unwrap(&record.id, &record.wrapped_data_key)
+        self.keyring
+            .unwrap_data_key(record)
             .map_err(|_| VaultError::Integrity(record.id.clone()))
     }
 

@@ -376,6 +376,9 @@ impl Server {
             },
             tls: None,
             policy: None,
+            shutdown_grace: Duration::from_secs(10),
+            metrics: None,
+            health_listen: None,
         };
         let opened = stvault::open(&config).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -252,6 +252,7 @@ impl Names for pb::GetAccessTokenRequest {
 /// Audit queries record no ids, so filtering events by a tenant does not
 /// return the queries about it.
 impl Names for pb::ListAuditEventsRequest {}
+impl Names for pb::CreateBackupRequest {}
 
 macro_rules! names_connection {
     ($($request:ty),*) => {

@@ -47,7 +47,7 @@ impl VaultService {
     /// The response is released only after its audit event is on disk. If
     /// the event cannot be written, the call fails with `UNAVAILABLE`. While
     /// appends keep failing, calls are rejected before they act.
-    async fn observe<R, T, F, Fut>(
+    pub(crate) async fn observe<R, T, F, Fut>(
         &self,
         rpc: Rpc,
         request: Request<R>,
@@ -102,9 +102,14 @@ impl VaultService {
                 tracing::error!(%error, code = ?code, "cannot write the audit event; failing the call")
             });
             result = Err(audit_unavailable());
+        } else {
+            crate::metrics::record_audit_event();
         }
 
-        let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let latency = started.elapsed();
+        let latency_ms = latency.as_secs_f64() * 1000.0;
+        let final_code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        crate::metrics::record_rpc(rpc.as_str(), final_code, latency);
         span.in_scope(|| match &result {
             Ok(_) => tracing::info!(code = "OK", latency_ms, "rpc finished"),
             Err(status) => tracing::info!(

@@ -32,10 +32,11 @@ pub enum Rpc {
     UpdateConnection,
     WatchConnectionStatus,
     ListAuditEvents,
+    CreateBackup,
 }
 
 impl Rpc {
-    pub const ALL: [Rpc; 11] = [
+    pub const ALL: [Rpc; 12] = [
         Rpc::RegisterConnection,
         Rpc::GetConnection,
         Rpc::ListConnections,
@@ -47,6 +48,7 @@ impl Rpc {
         Rpc::UpdateConnection,
         Rpc::WatchConnectionStatus,
         Rpc::ListAuditEvents,
+        Rpc::CreateBackup,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +64,7 @@ impl Rpc {
             Rpc::UpdateConnection => "UpdateConnection",
             Rpc::WatchConnectionStatus => "WatchConnectionStatus",
             Rpc::ListAuditEvents => "ListAuditEvents",
+            Rpc::CreateBackup => "CreateBackup",
         }
     }
 
@@ -77,7 +80,8 @@ impl Rpc {
             | Rpc::DeleteConnection
             | Rpc::UpdateConnection
             | Rpc::WatchConnectionStatus
-            | Rpc::ListAuditEvents => &[Role::Admin],
+            | Rpc::ListAuditEvents
+            | Rpc::CreateBackup => &[Role::Admin],
             Rpc::GetAccessToken => &[Role::Token],
         }
     }

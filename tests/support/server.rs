@@ -74,6 +74,20 @@ impl Server {
         server
     }
 
+    /// Starts stvault with exactly `env`, such as another server's
+    /// environment pointed at a different data directory.
+    pub async fn start_env(env: HashMap<String, String>) -> Server {
+        let mut server = Server {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir: tempfile::tempdir().expect("create temporary directory"),
+            env,
+            starts: 0,
+        };
+        server.launch().await;
+        server
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         PathBuf::from(&self.env["STVAULT_DATA_DIR"])
     }
@@ -228,6 +242,95 @@ impl Server {
     }
 }
 
+/// Operations used by the operations tests: signals, exit, metrics and
+/// other subcommands run against the same environment.
+impl Server {
+    /// Sends `signal` (such as "TERM") without waiting for the process.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.child.as_ref().expect("server is running"), signal);
+    }
+
+    /// Waits up to `timeout` for the process to exit and returns its status,
+    /// or `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            let child = self.child.as_mut().expect("server is running");
+            if let Some(status) = child.try_wait().expect("poll stvault") {
+                self.child = None;
+                return Some(status);
+            }
+            if started.elapsed() > timeout {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Returns the address of the metrics listener logged by the last start.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let log = std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default();
+        logged_addr(&log, "metrics listening").expect("the server logs its metrics address")
+    }
+
+    /// Returns the address of the health-only listener logged by the last
+    /// start.
+    pub fn health_addr(&self) -> SocketAddr {
+        let log = std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default();
+        logged_addr(&log, "health listening").expect("the server logs its health address")
+    }
+
+    /// Runs another `stvault` subcommand with this server's environment.
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_stvault(args, &self.env)
+    }
+}
+
+/// Runs `stvault ARGS` to completion with exactly `env` (and PATH).
+pub fn run_stvault(args: &[&str], env: &HashMap<String, String>) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stvault"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run stvault")
+}
+
+/// Spawns `stvault ARGS` with exactly `env`, its output appended to
+/// `log_path`.
+pub fn spawn_stvault(args: &[&str], env: &HashMap<String, String>, log_path: &Path) -> Child {
+    let log = std::fs::File::create(log_path).expect("create log file");
+    Command::new(env!("CARGO_BIN_EXE_stvault"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn stvault")
+}
+
+/// Writes a master keyring file with mode 0600, one line per key.
+pub fn write_key_file(path: &Path, lines: &[&str]) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, lines.join("\n") + "\n").expect("write key file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod key file");
+}
+
+/// Returns a new master key line (`ID BASE64`) from `stvault keygen`.
+pub fn keygen() -> String {
+    let output = run_stvault(&["master-key", "generate"], &HashMap::new());
+    assert!(output.status.success(), "stvault keygen failed");
+    String::from_utf8(output.stdout)
+        .expect("keygen prints text")
+        .trim()
+        .to_owned()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
@@ -306,7 +409,17 @@ pub fn run_command(args: &[&str], env: &HashMap<String, String>) -> (i32, String
 }
 
 fn listening_addr(log: &str) -> Option<SocketAddr> {
-    let line = log.lines().find(|line| line.contains(READY_LINE))?;
+    logged_addr(log, READY_LINE)
+}
+
+/// Returns the `listen` field of the first log line containing `message`,
+/// in either log format.
+fn logged_addr(log: &str, message: &str) -> Option<SocketAddr> {
+    let line = log.lines().find(|line| line.contains(message))?;
+    if line.starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(line).ok()?;
+        return value["listen"].as_str()?.parse().ok();
+    }
     let value = line.split("listen=").nth(1)?.split_whitespace().next()?;
     value.trim_matches('"').parse().ok()
 }

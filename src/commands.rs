@@ -1,0 +1,188 @@
+//! Operator subcommands besides `serve`: `keygen`, `rewrap`, `backup` and
+//! `restore`. Each prints its result on stdout and returns an error message
+//! for the caller to print.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::backup::{self, Backup};
+use crate::config::{self, MasterKeySource};
+use crate::crypto::MasterKey;
+use crate::datadir;
+use crate::keyring::{self, Keyring};
+use crate::rewrap;
+use crate::store::Store;
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+#[derive(Args, Debug)]
+pub struct RewrapArgs {
+    /// Data directory to rewrap. The server must be stopped: rewrap takes
+    /// the directory's lock.
+    #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
+    pub data_dir: PathBuf,
+
+    /// Master keyring file; the last key is the one data keys are rewrapped
+    /// under. STVAULT_MASTER_KEY may hold the same text instead.
+    #[arg(long, env = "STVAULT_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// Rewrap at most this many connections, then stop; run again to go on.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// File to write; it must not exist yet.
+    #[arg(long)]
+    pub out: PathBuf,
+
+    /// Address of the running server to back up, such as
+    /// http://127.0.0.1:50051.
+    #[arg(long, env = "STVAULT_BACKUP_SERVER", default_value = DEFAULT_SERVER, conflicts_with = "data_dir")]
+    pub server: String,
+
+    /// Back up a data directory directly instead, while no server runs on it.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Backup file written by `stvault backup`.
+    #[arg(long)]
+    pub from: PathBuf,
+
+    /// Data directory to create; it must be missing or empty.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+}
+
+/// Prints a new master key as a keyring line (`ID BASE64`).
+pub fn keygen() {
+    let (key, text) = MasterKey::generate();
+    println!("{}", keyring::key_line(&key, &text).expose());
+}
+
+pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
+    let source = config::master_key_source(args.master_key_file, &args.data_dir)?;
+    let (_lock, store) = open_existing(&args.data_dir)?;
+    let keyring = load_existing_keyring(&source)?;
+    let report = rewrap::rewrap(&store, &keyring, args.limit).await?;
+    store
+        .flush()
+        .await
+        .map_err(|e| format!("cannot flush the database: {e}"))?;
+    let newest = keyring.newest().id();
+    println!(
+        "rewrapped {} connections under master key {newest}; {} already used it",
+        report.rewrapped, report.already_current
+    );
+    if !report.skipped.is_empty() {
+        println!(
+            "{} connections fail integrity checks and were left as they are: {}",
+            report.skipped.len(),
+            report.skipped.join(", ")
+        );
+    }
+    if report.remaining > 0 {
+        println!(
+            "{} connections still use older keys; run stvault rewrap again",
+            report.remaining
+        );
+    } else if report.skipped.is_empty() {
+        let older: Vec<&str> = keyring.ids().filter(|id| *id != newest).collect();
+        if !older.is_empty() {
+            println!(
+                "every connection uses {newest}; older keys can now be removed from the keyring: {}",
+                older.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn backup(args: BackupArgs) -> Result<(), String> {
+    let (backup, bytes) = match &args.data_dir {
+        Some(dir) => {
+            let (_lock, store) = open_existing(dir)?;
+            let snapshot = store
+                .snapshot()
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+            let backup = Backup::new(snapshot);
+            let bytes = backup.encode();
+            (backup, bytes)
+        }
+        None => crate::admin::fetch_backup(&server_url(&args.server)).await?,
+    };
+    backup::write_file(&args.out, &bytes)?;
+    println!(
+        "wrote {} connections ({} bytes) to {}; restoring it needs master keys: {}",
+        backup.connection_count,
+        bytes.len(),
+        args.out.display(),
+        list_or_none(&backup.master_key_ids())
+    );
+    Ok(())
+}
+
+pub async fn restore(args: RestoreArgs) -> Result<(), String> {
+    let restored = backup::restore(&args.from, &args.data_dir).await?;
+    println!(
+        "restored {} connections into {}; serve it with master keys: {}",
+        restored.connections,
+        args.data_dir.display(),
+        list_or_none(&restored.master_key_ids)
+    );
+    Ok(())
+}
+
+/// Locks and opens an existing data directory for an offline command.
+fn open_existing(dir: &Path) -> Result<(datadir::DataDirLock, Store), String> {
+    if !dir.join(crate::store::DB_DIR_NAME).is_dir() {
+        return Err(format!(
+            "{} is not a stvault data directory (it has no database)",
+            dir.display()
+        ));
+    }
+    let lock = datadir::lock(dir, datadir::DEFAULT_LOCK_WAIT).map_err(|e| match e {
+        datadir::LockError::InUse { .. } => format!("{e}; stop that server first"),
+        other => other.to_string(),
+    })?;
+    let store = Store::open(dir)
+        .map_err(|e| format!("cannot open the database in {}: {e}", dir.display()))?;
+    Ok((lock, store))
+}
+
+/// Loads the keyring, never generating a key as `serve` does on first start.
+fn load_existing_keyring(source: &MasterKeySource) -> Result<Keyring, String> {
+    if let MasterKeySource::DataDir(path) = source {
+        if !path.exists() {
+            return Err(format!(
+                "no master key configured: set STVAULT_MASTER_KEY_FILE (or STVAULT_MASTER_KEY), \
+                 or keep the key in {}",
+                path.display()
+            ));
+        }
+    }
+    keyring::load(source)
+}
+
+fn server_url(server: &str) -> String {
+    if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    }
+}
+
+fn list_or_none(ids: &[String]) -> String {
+    if ids.is_empty() {
+        "none (no connections)".into()
+    } else {
+        ids.join(", ")
+    }
+}

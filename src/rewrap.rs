@@ -1,0 +1,91 @@
+//! Re-wrapping data keys under the newest master key, so that older keys can
+//! be removed from the keyring.
+//!
+//! Each record is rewritten on its own with a compare-and-swap and flushed
+//! before the next. A run killed at any point therefore leaves every record
+//! wrapped under either its old key or the newest one, and running again
+//! finishes the rest. Records already under the newest key are skipped.
+
+use crate::keyring::{self, Keyring};
+use crate::store::{Store, StoreError};
+
+/// Records rewrapped between progress lines.
+const PROGRESS_EVERY: usize = 100;
+
+/// Outcome of one run.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RewrapReport {
+    pub rewrapped: usize,
+    /// Records that were already under the newest key.
+    pub already_current: usize,
+    /// Records still under an older key because `limit` was reached.
+    pub remaining: usize,
+    /// Records left as they are because they are unreadable or their data
+    /// key fails authentication.
+    pub skipped: Vec<String>,
+}
+
+/// Rewraps the data key of every record not under the newest master key,
+/// at most `limit` of them when set. The keyring is checked against the
+/// directory first, as at server startup.
+pub async fn rewrap(
+    store: &Store,
+    keyring: &Keyring,
+    limit: Option<usize>,
+) -> Result<RewrapReport, String> {
+    let checked = keyring::check(store, keyring).await?;
+    let newest = keyring.newest();
+    let mut report = RewrapReport {
+        skipped: checked.undecryptable.clone(),
+        ..RewrapReport::default()
+    };
+    let mut pending = Vec::new();
+    for record in store.iter() {
+        let record = match record {
+            Ok(record) => record,
+            Err(StoreError::Corrupt { .. }) => continue,
+            Err(e) => return Err(format!("cannot read the data directory: {e}")),
+        };
+        if report.skipped.contains(&record.id) {
+            continue;
+        }
+        if record.master_key_id == newest.id() {
+            report.already_current += 1;
+        } else {
+            pending.push(record.id);
+        }
+    }
+    let total = pending.len();
+    tracing::info!(
+        to_rewrap = total,
+        already_current = report.already_current,
+        key.id = newest.id(),
+        "rewrap started"
+    );
+
+    for id in pending {
+        if limit.is_some_and(|limit| report.rewrapped >= limit) {
+            report.remaining += 1;
+            continue;
+        }
+        let read_error = |e| format!("cannot read connection {id}: {e}");
+        let Some((stored_bytes, record)) = store.get_with_bytes(&id).map_err(read_error)? else {
+            continue;
+        };
+        let data_key = keyring
+            .unwrap_data_key(&record)
+            .map_err(|e| format!("cannot unwrap the data key of connection {id}: {e}"))?;
+        let mut next = record.clone();
+        next.master_key_id = newest.id().to_owned();
+        next.wrapped_data_key = newest.wrap(&id, &data_key);
+        store
+            .replace(&stored_bytes, &next)
+            .await
+            .map_err(|e| format!("cannot rewrite connection {id}: {e}"))?;
+        report.rewrapped += 1;
+        if report.rewrapped % PROGRESS_EVERY == 0 {
+            tracing::info!(rewrapped = report.rewrapped, of = total, "rewrap progress");
+        }
+    }
+    Ok(report)
+}

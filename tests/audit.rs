@@ -698,3 +698,48 @@ async fn token_holders_of_a_credential_version() {
         "billing-sync\n"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelled_rotation_is_still_audited() {
+    let fake = fake().await;
+    let server = Server::start(&fake).await;
+    let mut client = server.client().await;
+    let id = client
+        .register_connection(register_request())
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id;
+
+    // The caller gives up while the new secret is being verified.
+    fake.set_token_delay(std::time::Duration::from_millis(1500));
+    let mut request = Request::new(pb::RotateCredentialsRequest {
+        connection_id: id.clone(),
+        client_secret: SECRET_2.into(),
+        ..Default::default()
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let status = client.rotate_credentials(request).await.unwrap_err();
+    assert_ne!(status.code(), Code::Ok);
+    tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
+
+    let connection = client
+        .get_connection(pb::GetConnectionRequest { connection_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(connection.credential_version, 2, "the rotation finished");
+    let events = client
+        .list_audit_events(pb::ListAuditEventsRequest {
+            connection_id: id,
+            rpc: "RotateCredentials".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].credential_version, 2);
+    assert_eq!(events[0].code, "OK");
+}

@@ -29,6 +29,7 @@ use status::to_status;
 /// Time kept back from a caller's gRPC deadline to send UNAVAILABLE in.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(200);
 
+#[derive(Clone)]
 pub struct VaultService {
     vault: Arc<Vault>,
     auth: Arc<Authenticator>,
@@ -172,40 +173,44 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::RegisterConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        self.observe(
-            Rpc::RegisterConnection,
-            request,
-            |caller, request| async move {
-                let request = request.into_inner();
-                let new = NewConnection {
-                    environment: validate::environment("environment", request.environment)?,
-                    tenant_id: validate::tenant_id("tenant_id", request.tenant_id)?,
-                    client_id: validate::credential("client_id", &request.client_id)?,
-                    client_secret: validate::secret("client_secret", request.client_secret)?,
-                    app_key: validate::secret("app_key", request.app_key)?,
-                    display_name: validate::display_name(&request.display_name)?,
-                    labels: validate::labels(request.labels)?,
-                    enterprise_hub: request.enterprise_hub,
-                    required_scope_groups: validate::scope_groups(
-                        "required_scope_groups",
-                        request.required_scope_groups,
-                    )?,
-                    skip_verification: request.skip_verification,
-                };
-                tracing::Span::current().record("tenant.id", new.tenant_id);
-                let (record, created) = self
-                    .vault
-                    .register(new, &caller.identity)
-                    .await
-                    .map_err(to_status)?;
-                record_connection(&record);
-                record_credential_version(record.current().version);
-                if created {
-                    tracing::info!(environment = %record.environment, "connection registered");
-                }
-                Ok(Response::new(convert::connection(&record)))
-            },
-        )
+        let this = self.clone();
+        detached(async move {
+            let vault = this.vault.clone();
+            this.observe(
+                Rpc::RegisterConnection,
+                request,
+                |caller, request| async move {
+                    let request = request.into_inner();
+                    let new = NewConnection {
+                        environment: validate::environment("environment", request.environment)?,
+                        tenant_id: validate::tenant_id("tenant_id", request.tenant_id)?,
+                        client_id: validate::credential("client_id", &request.client_id)?,
+                        client_secret: validate::secret("client_secret", request.client_secret)?,
+                        app_key: validate::secret("app_key", request.app_key)?,
+                        display_name: validate::display_name(&request.display_name)?,
+                        labels: validate::labels(request.labels)?,
+                        enterprise_hub: request.enterprise_hub,
+                        required_scope_groups: validate::scope_groups(
+                            "required_scope_groups",
+                            request.required_scope_groups,
+                        )?,
+                        skip_verification: request.skip_verification,
+                    };
+                    tracing::Span::current().record("tenant.id", new.tenant_id);
+                    let (record, created) = vault
+                        .register(new, &caller.identity)
+                        .await
+                        .map_err(to_status)?;
+                    record_connection(&record);
+                    record_credential_version(record.current().version);
+                    if created {
+                        tracing::info!(environment = %record.environment, "connection registered");
+                    }
+                    Ok(Response::new(convert::connection(&record)))
+                },
+            )
+            .await
+        })
         .await
     }
 
@@ -263,58 +268,52 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::RotateCredentialsRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        self.observe(
-            Rpc::RotateCredentials,
-            request,
-            |caller, request| async move {
-                let request = request.into_inner();
-                let id = validate::connection_id("connection_id", &request.connection_id)?;
-                context::record_connection_id(&id);
-                let rotation = Rotation {
-                    client_id: non_empty(request.client_id)
-                        .map(|v| validate::credential("client_id", &v))
-                        .transpose()?,
-                    client_secret: non_empty(request.client_secret)
-                        .map(|v| validate::secret("client_secret", v))
-                        .transpose()?,
-                    app_key: non_empty(request.app_key)
-                        .map(|v| validate::secret("app_key", v))
-                        .transpose()?,
-                    skip_verification: request.skip_verification,
-                };
-                if rotation.client_id.is_none()
-                    && rotation.client_secret.is_none()
-                    && rotation.app_key.is_none()
-                {
-                    return Err(validate::invalid(
-                        "client_secret",
-                        "set at least one of client_id, client_secret or app_key to rotate",
-                    ));
-                }
-                // The rotation runs in its own task, so a caller that gives up
-                // mid-verification does not leave its pending version behind.
-                let vault = self.vault.clone();
-                let rotate_id = id.clone();
-                let created_by = caller.identity.clone();
-                let record =
-                    tokio::spawn(
-                        async move { vault.rotate(&rotate_id, rotation, &created_by).await },
-                    )
-                    .await
-                    .map_err(|e| {
-                        tracing::error!(error = %e, "rotation task failed");
-                        Status::internal("rotation failed; see the server log")
-                    })?
-                    .map_err(to_status)?;
-                record_connection(&record);
-                record_credential_version(record.current().version);
-                tracing::info!(
-                    credential.version = record.current().version,
-                    "credentials rotated"
-                );
-                Ok(Response::new(convert::connection(&record)))
-            },
-        )
+        let this = self.clone();
+        detached(async move {
+            let vault = this.vault.clone();
+            this.observe(
+                Rpc::RotateCredentials,
+                request,
+                |caller, request| async move {
+                    let request = request.into_inner();
+                    let id = validate::connection_id("connection_id", &request.connection_id)?;
+                    context::record_connection_id(&id);
+                    let rotation = Rotation {
+                        client_id: non_empty(request.client_id)
+                            .map(|v| validate::credential("client_id", &v))
+                            .transpose()?,
+                        client_secret: non_empty(request.client_secret)
+                            .map(|v| validate::secret("client_secret", v))
+                            .transpose()?,
+                        app_key: non_empty(request.app_key)
+                            .map(|v| validate::secret("app_key", v))
+                            .transpose()?,
+                        skip_verification: request.skip_verification,
+                    };
+                    if rotation.client_id.is_none()
+                        && rotation.client_secret.is_none()
+                        && rotation.app_key.is_none()
+                    {
+                        return Err(validate::invalid(
+                            "client_secret",
+                            "set at least one of client_id, client_secret or app_key to rotate",
+                        ));
+                    }
+                    let record = vault
+                        .rotate(&id, rotation, &caller.identity)
+                        .await
+                        .map_err(to_status)?;
+                    record_connection(&record);
+                    record_credential_version(record.current().version);
+                    tracing::info!(
+                        credential.version = record.current().version,
+                        "credentials rotated"
+                    );
+                    Ok(Response::new(convert::connection(&record)))
+                },
+            )
+            .await
+        })
         .await
     }
 
@@ -322,17 +321,23 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::RollbackCredentialsRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        self.observe(Rpc::RollbackCredentials, request, |_, request| async move {
-            let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
-            context::record_connection_id(&id);
-            let record = self.vault.rollback(&id).await.map_err(to_status)?;
-            record_connection(&record);
-            record_credential_version(record.current().version);
-            tracing::info!(
-                credential.version = record.current().version,
-                "credentials rolled back"
-            );
-            Ok(Response::new(convert::connection(&record)))
+        let this = self.clone();
+        detached(async move {
+            let vault = this.vault.clone();
+            this.observe(Rpc::RollbackCredentials, request, |_, request| async move {
+                let id =
+                    validate::connection_id("connection_id", &request.get_ref().connection_id)?;
+                context::record_connection_id(&id);
+                let record = vault.rollback(&id).await.map_err(to_status)?;
+                record_connection(&record);
+                record_credential_version(record.current().version);
+                tracing::info!(
+                    credential.version = record.current().version,
+                    "credentials rolled back"
+                );
+                Ok(Response::new(convert::connection(&record)))
+            })
+            .await
         })
         .await
     }
@@ -357,17 +362,23 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::DeleteConnectionRequest>,
     ) -> Result<Response<pb::DeleteConnectionResponse>, Status> {
-        self.observe(Rpc::DeleteConnection, request, |_, request| async move {
-            let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
-            context::record_connection_id(&id);
-            match self.vault.delete(&id).await.map_err(to_status)? {
-                Some(record) => {
-                    record_connection(&record);
-                    tracing::info!("connection deleted");
+        let this = self.clone();
+        detached(async move {
+            let vault = this.vault.clone();
+            this.observe(Rpc::DeleteConnection, request, |_, request| async move {
+                let id =
+                    validate::connection_id("connection_id", &request.get_ref().connection_id)?;
+                context::record_connection_id(&id);
+                match vault.delete(&id).await.map_err(to_status)? {
+                    Some(record) => {
+                        record_connection(&record);
+                        tracing::info!("connection deleted");
+                    }
+                    None => tracing::warn!("unreadable connection record deleted"),
                 }
-                None => tracing::warn!("unreadable connection record deleted"),
-            }
-            Ok(Response::new(pb::DeleteConnectionResponse {}))
+                Ok(Response::new(pb::DeleteConnectionResponse {}))
+            })
+            .await
         })
         .await
     }
@@ -432,41 +443,45 @@ impl CredentialVault for VaultService {
         &self,
         request: Request<pb::UpdateConnectionRequest>,
     ) -> Result<Response<pb::Connection>, Status> {
-        self.observe(Rpc::UpdateConnection, request, |_, request| async move {
-            let request = request.into_inner();
-            let Some(connection) = request.connection else {
-                return Err(validate::invalid("connection", "is required"));
-            };
-            let id =
-                validate::connection_id("connection.connection_id", &connection.connection_id)?;
-            context::record_connection_id(&id);
-            let fields = validate::update_mask(request.update_mask)?;
-            let named = |field: &str| fields.iter().any(|f| f == field);
-            let update = SettingsUpdate {
-                display_name: named("display_name")
-                    .then(|| validate::display_name(&connection.display_name))
-                    .transpose()?,
-                labels: named("labels")
-                    .then(|| validate::labels(connection.labels))
-                    .transpose()?,
-                required_scope_groups: named("required_scope_groups")
-                    .then(|| {
-                        validate::scope_groups(
-                            "required_scope_groups",
-                            connection.required_scope_groups,
-                        )
-                    })
-                    .transpose()?,
-                skip_verification: request.skip_verification,
-            };
-            let record = self
-                .vault
-                .update_settings(&id, update)
-                .await
-                .map_err(to_status)?;
-            record_connection(&record);
-            tracing::info!(fields = %fields.join(","), "connection updated");
-            Ok(Response::new(convert::connection(&record)))
+        let this = self.clone();
+        detached(async move {
+            let vault = this.vault.clone();
+            this.observe(Rpc::UpdateConnection, request, |_, request| async move {
+                let request = request.into_inner();
+                let Some(connection) = request.connection else {
+                    return Err(validate::invalid("connection", "is required"));
+                };
+                let id =
+                    validate::connection_id("connection.connection_id", &connection.connection_id)?;
+                context::record_connection_id(&id);
+                let fields = validate::update_mask(request.update_mask)?;
+                let named = |field: &str| fields.iter().any(|f| f == field);
+                let update = SettingsUpdate {
+                    display_name: named("display_name")
+                        .then(|| validate::display_name(&connection.display_name))
+                        .transpose()?,
+                    labels: named("labels")
+                        .then(|| validate::labels(connection.labels))
+                        .transpose()?,
+                    required_scope_groups: named("required_scope_groups")
+                        .then(|| {
+                            validate::scope_groups(
+                                "required_scope_groups",
+                                connection.required_scope_groups,
+                            )
+                        })
+                        .transpose()?,
+                    skip_verification: request.skip_verification,
+                };
+                let record = vault
+                    .update_settings(&id, update)
+                    .await
+                    .map_err(to_status)?;
+                record_connection(&record);
+                tracing::info!(fields = %fields.join(","), "connection updated");
+                Ok(Response::new(convert::connection(&record)))
+            })
+            .await
         })
         .await
     }
@@ -574,6 +589,17 @@ impl VaultService {
         record_connection(&record);
         Ok(record.id)
     }
+}
+
+/// Runs a state-changing call in its own task, so a caller that gives up
+/// cancels neither the change nor its audit event.
+async fn detached<T: Send + 'static>(
+    call: impl Future<Output = Result<T, Status>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(call).await.unwrap_or_else(|error| {
+        tracing::error!(%error, "call task failed");
+        Err(Status::internal("the call failed; see the server log"))
+    })
 }
 
 fn non_empty(value: String) -> Option<String> {

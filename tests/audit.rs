@@ -724,7 +724,9 @@ async fn cancelled_rotation_is_still_audited() {
     tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
 
     let connection = client
-        .get_connection(pb::GetConnectionRequest { connection_id: id.clone() })
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();

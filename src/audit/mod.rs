@@ -159,12 +159,17 @@ impl AuditLog {
                 sequence: 0,
                 reason: format!("the chain head is not readable: {e}"),
             })?,
-            // A trail without a head record: continue after its last event.
+            // Every append writes the head with its event, so events without
+            // a head mean the newest events and the head were removed.
+            // Continuing would write a new head over the gap and hide it.
             None => match events.last()? {
-                Some((key, value)) => Head {
-                    sequence: sequence_of(&key),
-                    hash: hash_hex(&value),
-                },
+                Some((key, _)) => {
+                    return Err(AuditError::Corrupt {
+                        sequence: sequence_of(&key),
+                        reason: "the chain head record is missing, so newer events may have                                  been deleted; run `stvault audit verify` on a copy of the data                                  directory"
+                            .to_owned(),
+                    });
+                }
                 None => Head {
                     sequence: 0,
                     hash: GENESIS_HASH.to_owned(),
@@ -384,6 +389,26 @@ mod tests {
         let verified = verify_db(&db).unwrap();
         assert_eq!(verified.events, 3);
         assert_eq!(verified.head_hash, third.hash);
+    }
+
+    #[tokio::test]
+    async fn missing_head_with_events_refuses_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let log = AuditLog::open(&db).unwrap();
+        log.append(draft("a", 1)).await.unwrap();
+        log.append(draft("b", 2)).await.unwrap();
+        drop(log);
+
+        // The newest event and the head removed together.
+        db.open_tree(EVENTS_TREE).unwrap().pop_max().unwrap();
+        db.open_tree(HEAD_TREE).unwrap().remove(HEAD_KEY).unwrap();
+        let error = AuditLog::open(&db).err().expect("open must fail");
+        assert!(
+            error.to_string().contains("head record is missing"),
+            "{error}"
+        );
+        assert!(verify_db(&db).is_err());
     }
 
     #[tokio::test]

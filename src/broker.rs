@@ -134,8 +134,8 @@ impl CachedToken {
 
 #[derive(Clone, Debug)]
 pub struct BrokerSettings {
-    /// How long a failed token request is answered from memory before the
-    /// next caller tries ServiceTitan again.
+    /// How long callers get the stored error of a failed token request
+    /// before the next caller tries ServiceTitan again.
     pub failure_cooldown: Duration,
 }
 
@@ -184,7 +184,7 @@ impl Slot {
     }
 }
 
-/// What a caller learns from the cache without waiting.
+/// Result of a cache lookup: a token or error now, or a request to wait on.
 enum Lookup {
     Ready(FetchResult),
     Wait(watch::Receiver<Option<FetchResult>>),
@@ -205,9 +205,9 @@ pub struct RejectedCredentials {
     pub version: u32,
 }
 
-/// Rejections queued for the health checker. A full queue drops new ones,
-/// which is rare because a connection's token requests fail at most once
-/// per failure cooldown.
+/// Capacity of the queue of rejections sent to the health checker. A full
+/// queue drops new ones, which only delays NEEDS_ATTENTION for that
+/// connection until its next background check.
 const REJECTION_QUEUE: usize = 1024;
 
 pub struct Broker {
@@ -417,10 +417,12 @@ impl Broker {
             .acquire()
             .await
             .expect("the broker never closes its semaphores");
+
         self.upstream_requests.fetch_add(1, Ordering::Relaxed);
         let requested = Instant::now();
         let requested_wall = SystemTime::now();
         let result = self.source.request_token(credentials).await;
+
         crate::metrics::record_upstream_token(
             credentials.environment,
             credentials.tenant_id,

@@ -125,7 +125,7 @@ pub struct MetricsSettings {
     pub tenant_labels: bool,
 }
 
-/// Where the master key comes from.
+/// Source of the master keyring.
 pub enum MasterKeySource {
     File(PathBuf),
     Environment(crate::secret::SecretString),

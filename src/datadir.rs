@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn second_lock_names_holder_pid() {
         let dir = tempfile::tempdir().unwrap();
-        let _held = lock(dir.path(), Duration::ZERO).unwrap();
+        let _first_lock = lock(dir.path(), Duration::ZERO).unwrap();
         let error = lock(dir.path(), Duration::from_millis(150))
             .err()
             .expect("lock is held");

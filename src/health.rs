@@ -4,7 +4,7 @@
 //!
 //! The checker paces its work: each connection is checked once per interval,
 //! the starts are spread evenly over the interval, and at most `concurrency`
-//! verifications run at once, so ServiceTitan never sees a burst.
+//! verifications run at once, so ServiceTitan never receives a burst.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -81,7 +81,7 @@ pub fn record_credential_version(version: u32) {
     update(|subject| subject.credential_version = Some(version));
 }
 
-/// What is known of a request before its handler runs.
+/// Request details known before the handler runs.
 pub struct CallInfo {
     pub rpc: Rpc,
     pub request_id: String,
@@ -142,7 +142,7 @@ fn request_id(metadata: &MetadataMap) -> String {
     }
 }
 
-/// The canonical gRPC name of a status code.
+/// Returns the canonical gRPC name of a status code.
 pub fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "OK",
@@ -198,23 +198,23 @@ fn by_connection(id: &str) -> Subject {
     }
 }
 
+fn by_tenant(environment_value: i32, tenant_value: i64) -> Subject {
+    Subject {
+        environment: environment(environment_value),
+        tenant_id: tenant_id(tenant_value),
+        ..Default::default()
+    }
+}
+
 impl Names for pb::RegisterConnectionRequest {
     fn names(&self) -> Subject {
-        Subject {
-            environment: environment(self.environment),
-            tenant_id: tenant_id(self.tenant_id),
-            ..Default::default()
-        }
+        by_tenant(self.environment, self.tenant_id)
     }
 }
 
 impl Names for pb::ListConnectionsRequest {
     fn names(&self) -> Subject {
-        Subject {
-            environment: environment(self.environment),
-            tenant_id: tenant_id(self.tenant_id),
-            ..Default::default()
-        }
+        by_tenant(self.environment, self.tenant_id)
     }
 }
 
@@ -231,9 +231,7 @@ impl Names for pb::WatchConnectionStatusRequest {
     fn names(&self) -> Subject {
         Subject {
             connection_id: connection_id(&self.connection_id),
-            environment: environment(self.environment),
-            tenant_id: tenant_id(self.tenant_id),
-            ..Default::default()
+            ..by_tenant(self.environment, self.tenant_id)
         }
     }
 }
@@ -242,9 +240,7 @@ impl Names for pb::GetAccessTokenRequest {
     fn names(&self) -> Subject {
         Subject {
             connection_id: connection_id(&self.connection_id),
-            environment: environment(self.environment),
-            tenant_id: tenant_id(self.tenant_id),
-            ..Default::default()
+            ..by_tenant(self.environment, self.tenant_id)
         }
     }
 }

@@ -58,8 +58,8 @@ impl TlsFiles {
         self.client_ca.is_some()
     }
 
-    /// The tonic server configuration: ALPN `h2`, and client certificates
-    /// required when a client CA is set.
+    /// Builds the tonic server configuration: ALPN `h2`, and client
+    /// certificates required when a client CA is set.
     pub fn server_config(&self) -> ServerTlsConfig {
         let identity = Identity::from_pem(&self.certificate_chain, self.key.expose());
         let mut config = ServerTlsConfig::new()

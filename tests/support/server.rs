@@ -41,6 +41,7 @@ impl Server {
         extra: &[(&str, &str)],
     ) -> Server {
         let dir = tempfile::tempdir().expect("create temporary directory");
+
         let mut env = HashMap::new();
         env.insert("STVAULT_LISTEN".into(), "127.0.0.1:0".into());
         env.insert(
@@ -60,6 +61,7 @@ impl Server {
         env.insert("STVAULT_UPSTREAM_TIMEOUT".into(), "3s".into());
         env.insert("STVAULT_UPSTREAM_CONNECT_TIMEOUT".into(), "1s".into());
         env.insert("RUST_LOG".into(), "info".into());
+
         for (key, value) in extra {
             env.insert((*key).into(), (*value).into());
         }

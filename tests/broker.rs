@@ -569,7 +569,13 @@ async fn rate_limit_returns_retry_info() {
     for _ in 0..20 {
         let sent = std::time::Instant::now();
         let status = get_token(&server.client, &id).await.unwrap_err();
-        assert!(sent.elapsed() < Duration::from_millis(100));
+        // Well under a request to ServiceTitan; the call still waits for
+        // its audit event's flush.
+        assert!(
+            sent.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            sent.elapsed()
+        );
         assert_eq!(status.code(), Code::ResourceExhausted);
         let delay = status
             .get_details_retry_info()
@@ -606,7 +612,12 @@ async fn hanging_endpoint_is_bounded() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let sent = std::time::Instant::now();
     get_token(&server.client, &fast_id).await.unwrap();
-    assert!(sent.elapsed() < Duration::from_millis(200));
+    // Shorter than the 1 s upstream timeout the hanging tenant waits for.
+    assert!(
+        sent.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        sent.elapsed()
+    );
 
     let (status, waited) = hanging.await.unwrap();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");

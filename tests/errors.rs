@@ -411,7 +411,11 @@ async fn rate_limiting_is_resource_exhausted() {
     let started = Instant::now();
     let status = client.get_access_token(by_id(&id)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
-    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(fake.token_requests(), requests);
 
     let status = client
@@ -542,7 +546,12 @@ async fn hanging_upstream_is_bounded() {
         .get_access_token(by_id(&other_id))
         .await
         .expect("other tenant unaffected");
-    assert!(started.elapsed() < Duration::from_millis(500));
+    // Shorter than the 1 s upstream timeout the hanging tenant waits for.
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
 
     let (result, elapsed) = hanging.await.unwrap();
     assert_eq!(result.unwrap_err().code(), Code::Unavailable);

@@ -564,12 +564,12 @@ async fn hanging_upstream_is_bounded() {
     let mut request = tonic::Request::new(by_id(&id));
     request
         .metadata_mut()
-        .insert("grpc-timeout", "300m".parse().unwrap());
+        .insert("grpc-timeout", "1000m".parse().unwrap());
     let started = Instant::now();
     let status = client.get_access_token(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
-        started.elapsed() < Duration::from_millis(800),
+        started.elapsed() < Duration::from_millis(1000),
         "took {:?}",
         started.elapsed()
     );

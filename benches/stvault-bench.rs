@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fake_servicetitan::{FakeApp, FakeServiceTitan};
+use stvault::audit::SyncPolicy;
 use stvault::broker::BrokerSettings;
 use stvault::config::{Config, MasterKeySource};
 use stvault::crypto::MasterKey;
@@ -38,6 +39,9 @@ const MEASURE_FOR: Duration = Duration::from_secs(3);
 /// stream limit queues calls on the client.
 const CHANNELS: usize = 4;
 const STORM_CONNECTIONS: usize = 10_000;
+/// The relaxed audit sync interval measured beside the default.
+const RELAXED_SYNC: Duration = Duration::from_millis(10);
+const SYNC_SAMPLES: usize = 1000;
 const REGISTER_CONCURRENCY: usize = 64;
 const STORED_CONNECTIONS: usize = 100_000;
 const FIRST_TENANT: i64 = 1_000_000;
@@ -46,12 +50,27 @@ type VaultClient = CredentialVaultClient<Channel>;
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes `--bench`; this harness takes no options.
+    // `cargo bench` passes `--bench`. The argument `warm` stops after the
+    // warm GetAccessToken figures.
     let fake = FakeServiceTitan::start().await;
     let work_dir = tempfile::tempdir().expect("a temporary directory can be created");
     let (_, key_text) = MasterKey::generate();
-    let server = start_server(&fake, &work_dir.path().join("live"), &key_text).await;
+    let server = start_server(
+        &fake,
+        &work_dir.path().join("live"),
+        &key_text,
+        SyncPolicy::Always,
+    )
+    .await;
     let channels = connect_channels(server.addr).await;
+    let relaxed_server = start_server(
+        &fake,
+        &work_dir.path().join("relaxed"),
+        &key_text,
+        SyncPolicy::Within(RELAXED_SYNC),
+    )
+    .await;
+    let relaxed_channels = connect_channels(relaxed_server.addr).await;
 
     println!("# stvault benchmarks\n");
     println!("machine: {}", machine_summary());
@@ -63,12 +82,31 @@ async fn main() {
     get_token(&client(&channels, 0), &warm_id)
         .await
         .expect("the warm connection gets a token");
+    let relaxed_id = register(&client(&relaxed_channels, 0), &warm_app).await;
+    get_token(&client(&relaxed_channels, 0), &relaxed_id)
+        .await
+        .expect("the warm connection gets a token");
+
+    let sync = measure_sync(&work_dir.path().join("sync-probe"));
+    println!("## Disk: append of 300 bytes and fdatasync, {SYNC_SAMPLES} times\n");
+    println!(
+        "p50 {}, p99 {}\n",
+        millis(sync.percentile(0.50)),
+        millis(sync.percentile(0.99))
+    );
 
     println!("## Warm GetAccessToken against Health/Check\n");
     println!(
-        "| concurrency | Health/Check calls/s | p50 | p99 | GetAccessToken calls/s | ratio | p50 | p99 |"
+        "Audit sync `always` (the default) and `{}`, one server each.\n",
+        humantime::format_duration(RELAXED_SYNC)
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| concurrency | Health/Check calls/s | p50 | p99 \
+         | always: calls/s | ratio | p50 | p99 \
+         | {}: calls/s | ratio | p50 | p99 |",
+        humantime::format_duration(RELAXED_SYNC)
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for concurrency in CONCURRENCY_LEVELS {
         let health = measure(&channels, concurrency, |channel| async move {
             let mut health = HealthClient::new(channel);
@@ -78,23 +116,39 @@ async fn main() {
             health.check(request).await.is_ok()
         })
         .await;
-        let id = warm_id.clone();
-        let token = measure(&channels, concurrency, move |channel| {
-            let id = id.clone();
-            async move { get_token(&VaultClient::new(channel), &id).await.is_ok() }
-        })
-        .await;
-        println!(
-            "| {concurrency} | {:.0} | {} | {} | {:.0} | {:.2} | {} | {} |",
+        let mut row = format!(
+            "| {concurrency} | {:.0} | {} | {} |",
             health.rate(),
             millis(health.percentile(0.50)),
             millis(health.percentile(0.99)),
-            token.rate(),
-            token.rate() / health.rate(),
-            millis(token.percentile(0.50)),
-            millis(token.percentile(0.99)),
         );
-        assert_eq!(health.failures + token.failures, 0, "calls failed");
+        let mut failures = health.failures;
+        for (channels, id) in [(&channels, &warm_id), (&relaxed_channels, &relaxed_id)] {
+            let id = id.clone();
+            let token = measure(channels, concurrency, move |channel| {
+                let id = id.clone();
+                async move { get_token(&VaultClient::new(channel), &id).await.is_ok() }
+            })
+            .await;
+            row.push_str(&format!(
+                " {:.0} | {:.2} | {} | {} |",
+                token.rate(),
+                token.rate() / health.rate(),
+                millis(token.percentile(0.50)),
+                millis(token.percentile(0.99)),
+            ));
+            failures += token.failures;
+        }
+        println!("{row}");
+        assert_eq!(failures, 0, "calls failed");
+    }
+    drop(relaxed_channels);
+    relaxed_server.stop().await;
+    if std::env::args().any(|arg| arg == "warm") {
+        drop(channels);
+        server.stop().await;
+        fake.shutdown();
+        return;
     }
 
     println!("\n## RegisterConnection with durable writes\n");
@@ -194,7 +248,12 @@ impl Server {
     }
 }
 
-fn config(fake: &FakeServiceTitan, data_dir: &Path, key_text: &SecretString) -> Config {
+fn config(
+    fake: &FakeServiceTitan,
+    data_dir: &Path,
+    key_text: &SecretString,
+    audit_sync: SyncPolicy,
+) -> Config {
     let endpoints = Endpoints {
         token_url: fake.token_url().parse().expect("the fake's URL parses"),
         api_url: fake.api_url().parse().expect("the fake's URL parses"),
@@ -219,13 +278,19 @@ fn config(fake: &FakeServiceTitan, data_dir: &Path, key_text: &SecretString) -> 
         tls: None,
         policy: None,
         shutdown_grace: Duration::from_secs(10),
+        audit_sync,
         metrics: None,
         health_listen: None,
     }
 }
 
-async fn start_server(fake: &FakeServiceTitan, data_dir: &Path, key_text: &SecretString) -> Server {
-    let opened = stvault::open(&config(fake, data_dir, key_text))
+async fn start_server(
+    fake: &FakeServiceTitan,
+    data_dir: &Path,
+    key_text: &SecretString,
+    audit_sync: SyncPolicy,
+) -> Server {
+    let opened = stvault::open(&config(fake, data_dir, key_text, audit_sync))
         .await
         .expect("stvault opens a new data directory");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -444,6 +509,34 @@ async fn build_store(data_dir: &Path, key_text: &SecretString, count: usize) {
         }
     }
     assert_eq!(store.len(), count);
+}
+
+/// Times `SYNC_SAMPLES` appends of an audit-sized line to a file, each
+/// followed by `fdatasync`: the least a durable audit event can cost on
+/// this disk.
+fn measure_sync(path: &Path) -> Measurement {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("the probe file can be created");
+    let line = [b'x'; 300];
+    let mut latencies = Vec::with_capacity(SYNC_SAMPLES);
+    for _ in 0..SYNC_SAMPLES {
+        let started = Instant::now();
+        file.write_all(&line)
+            .expect("the probe file can be written");
+        file.sync_data().expect("the probe file can be synced");
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    Measurement {
+        calls: SYNC_SAMPLES,
+        failures: 0,
+        elapsed: latencies.iter().sum(),
+        latencies,
+    }
 }
 
 /// Starts the real `stvault serve` binary on `data_dir`, and returns the time

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::audit::SyncPolicy;
 use crate::auth::policy::Policy;
 use crate::auth::tls::TlsFiles;
 use crate::broker::BrokerSettings;
@@ -109,6 +110,13 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_HEALTH_LISTEN")]
     pub health_listen: Option<String>,
 
+    /// When audit events reach the disk: "always" syncs each event before
+    /// its call returns (calls in flight share a sync); a duration such as
+    /// "10ms" writes each event before its call returns and syncs within
+    /// that time, so a power loss can lose that much of the trail.
+    #[arg(long, env = "STVAULT_AUDIT_SYNC", default_value = "always")]
+    pub audit_sync: String,
+
     /// Label upstream token request metrics with the tenant id, for at most
     /// 1000 tenants.
     #[arg(long, env = "STVAULT_METRICS_TENANT_LABELS")]
@@ -147,6 +155,7 @@ pub struct Config {
     /// when unset.
     pub policy: Option<(PathBuf, Policy)>,
     pub shutdown_grace: Duration,
+    pub audit_sync: SyncPolicy,
     pub metrics: Option<MetricsSettings>,
     pub health_listen: Option<SocketAddr>,
 }
@@ -200,6 +209,9 @@ impl Config {
             &args.token_failure_cooldown,
         );
         let shutdown_grace = duration("STVAULT_SHUTDOWN_GRACE", &args.shutdown_grace);
+        let audit_sync = parse_audit_sync(&args.audit_sync)
+            .map_err(|e| errors.push(format!("STVAULT_AUDIT_SYNC: {e}")))
+            .ok();
 
         let metrics_listen = match args.metrics_listen.as_deref().filter(|v| !v.is_empty()) {
             None => None,
@@ -321,6 +333,7 @@ impl Config {
             tls,
             policy,
             shutdown_grace: shutdown_grace.expect(unwrap),
+            audit_sync: audit_sync.expect(unwrap),
             metrics: metrics_listen.map(|listen| MetricsSettings {
                 listen,
                 tenant_labels: args.metrics_tenant_labels,
@@ -356,6 +369,22 @@ fn parse_duration(value: &str) -> Result<Duration, String> {
         return Err(format!("{value:?} must be between 1ms and 10m"));
     }
     Ok(duration)
+}
+
+/// Parses `STVAULT_AUDIT_SYNC`: "always", or the longest time a written
+/// event may wait for its sync.
+fn parse_audit_sync(value: &str) -> Result<SyncPolicy, String> {
+    if value.eq_ignore_ascii_case("always") {
+        return Ok(SyncPolicy::Always);
+    }
+    let interval = humantime::parse_duration(value)
+        .map_err(|_| format!("{value:?} is neither \"always\" nor a duration such as \"10ms\""))?;
+    if !(Duration::from_millis(1)..=Duration::from_secs(1)).contains(&interval) {
+        return Err(format!(
+            "{value:?} must be between 1ms and 1s, or \"always\""
+        ));
+    }
+    Ok(SyncPolicy::Within(interval))
 }
 
 /// Bounds of the health check interval. Intervals under a minute suit only

@@ -132,7 +132,18 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         None => None,
     };
 
-    let audit = audit::AuditLog::open(store.db())
+    let moved = audit::import_legacy(store.db(), &config.data_dir).map_err(|e| {
+        StartupError(format!(
+            "cannot move the audit trail out of the database: {e}"
+        ))
+    })?;
+    if moved > 0 {
+        tracing::info!(
+            events = moved,
+            "moved the audit trail from the database to its own file"
+        );
+    }
+    let audit = audit::AuditLog::open(&config.data_dir, config.audit_sync)
         .map_err(|e| StartupError(format!("cannot open the audit trail: {e}")))?;
     let auth = authenticator(config);
 

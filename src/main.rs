@@ -169,6 +169,12 @@ fn audit_verify(data_dir: &std::path::Path) -> ExitCode {
                 "audit chain intact: {} events, last hash {}",
                 verified.events, verified.head_hash
             );
+            if verified.incomplete_tail {
+                println!(
+                    "the trail ends in an incomplete event: a write in progress, or one \
+                     interrupted by a crash, which the server drops when it starts"
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(VerifyError::Broken(chain_break)) => {

@@ -377,6 +377,7 @@ impl Server {
             tls: None,
             policy: None,
             shutdown_grace: Duration::from_secs(10),
+            audit_sync: Default::default(),
             metrics: None,
             health_listen: None,
         };

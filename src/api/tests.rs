@@ -38,7 +38,7 @@ fn service(dir: &std::path::Path) -> (VaultService, Arc<AuditLog>) {
             failure_cooldown: Duration::from_secs(1),
         },
     ));
-    let audit = Arc::new(AuditLog::open(store.db()).unwrap());
+    let audit = Arc::new(AuditLog::open(dir, Default::default()).unwrap());
     let (master_key, _) = MasterKey::generate();
     let vault = Arc::new(Vault::new(store, broker, master_key));
     let service = VaultService::new(vault, Arc::new(Authenticator::open()), audit.clone());

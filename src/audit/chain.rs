@@ -1,13 +1,13 @@
-//! Verification of the audit chain. Every event from 1 to the head must be
-//! present, readable and numbered in order. The next event, or the head
-//! record for the last one, must contain the hash of its stored bytes.
+//! Verification of the audit chain. Every event from 1 to the last must be
+//! present, readable and numbered in order, and each must hold the hash of
+//! the one before it. The head record must name an event of the trail and
+//! match its hash.
 
 use std::fmt;
 use std::path::Path;
 
-use super::{
-    AuditEvent, EVENTS_TREE, GENESIS_HASH, HEAD_KEY, HEAD_TREE, Head, hash_hex, sequence_of,
-};
+use super::file::{events_path, head_path, read_head, scan_lines};
+use super::{AuditError, AuditEvent, GENESIS_HASH, hash_hex};
 
 /// An intact chain.
 #[derive(Debug)]
@@ -15,6 +15,9 @@ pub struct Verified {
     pub events: u64,
     /// Hash of the last event, or the genesis hash for an empty trail.
     pub head_hash: String,
+    /// Whether the file ends in an incomplete event: a write in progress,
+    /// or one a crash interrupted, which the server drops when it starts.
+    pub incomplete_tail: bool,
 }
 
 /// The first place where the chain does not hold.
@@ -39,138 +42,124 @@ impl fmt::Display for ChainBreak {
 /// Failure to verify a data directory.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("cannot open the database in {dir}: {reason}")]
-    Open { dir: String, reason: String },
+    #[error("no audit trail in {dir}; pass the STVAULT_DATA_DIR of the server")]
+    Missing { dir: String },
     #[error("{0}")]
     Broken(ChainBreak),
     #[error("cannot read the audit trail: {0}")]
-    Read(#[from] sled::Error),
+    Read(#[from] std::io::Error),
 }
 
-/// Opens the database of a data directory and verifies its audit chain.
-/// The server must not be running on the directory, since sled locks it.
+/// Verifies the audit chain of a data directory. The server may be running:
+/// events it appends during the check are either read whole or reported as
+/// an incomplete tail.
 pub fn verify_data_dir(dir: &Path) -> Result<Verified, VerifyError> {
-    let db_path = dir.join("db");
-    if !db_path.is_dir() {
-        return Err(VerifyError::Open {
-            dir: dir.display().to_string(),
-            reason: "no database found; pass the STVAULT_DATA_DIR of the server".into(),
-        });
-    }
-    let db = sled::Config::new()
-        .path(&db_path)
-        .open()
-        .map_err(|e| VerifyError::Open {
-            dir: dir.display().to_string(),
-            reason: format!("{e}; stop the server or verify a copy of the directory"),
-        })?;
-    verify_db(&db)
-}
-
-/// Verifies the audit chain stored in `db`.
-pub fn verify_db(db: &sled::Db) -> Result<Verified, VerifyError> {
-    let events = db.open_tree(EVENTS_TREE)?;
-    let head_tree = db.open_tree(HEAD_TREE)?;
     let broken =
         |sequence: u64, reason: String| VerifyError::Broken(ChainBreak { sequence, reason });
+    // Read before the events, so events appended meanwhile are past it.
+    let head = read_head(&head_path(dir)).map_err(|e| match e {
+        AuditError::Io(e) => VerifyError::Read(e),
+        other => broken(0, other.to_string()),
+    })?;
+    let file = match std::fs::File::open(events_path(dir)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(VerifyError::Missing {
+                dir: dir.display().to_string(),
+            });
+        }
+        Err(e) => return Err(VerifyError::Read(e)),
+    };
 
-    let mut expected_sequence = 1;
-    // Stored bytes of the previous event, whose hash the next event holds.
-    let mut previous: Option<(u64, String)> = None;
-    for entry in events.iter() {
-        let (key, value) = entry?;
-        let sequence = sequence_of(&key);
-        if key.len() != 8 || sequence < expected_sequence {
-            return Err(broken(
-                expected_sequence,
-                "an event is stored under an invalid key".into(),
-            ));
-        }
-        if sequence > expected_sequence {
-            return Err(broken(
-                expected_sequence,
-                format!("the event is missing (the next stored event is {sequence})"),
-            ));
-        }
-        let event: AuditEvent = serde_json::from_slice(&value)
-            .map_err(|e| broken(sequence, format!("the event is not readable: {e}")))?;
+    let mut last = 0;
+    let mut previous_hash = GENESIS_HASH.to_owned();
+    let mut head_matches = None;
+    let mut first_break = None;
+    let scanned = scan_lines(&file, 0, 1, |sequence, _, line| {
+        let event: AuditEvent = match serde_json::from_slice(line) {
+            Ok(event) => event,
+            Err(e) => {
+                first_break = Some(broken(sequence, format!("the event is not readable: {e}")));
+                return Ok(false);
+            }
+        };
         if event.sequence != sequence {
-            return Err(broken(
-                sequence,
-                format!("the event says it is number {}", event.sequence),
-            ));
+            let reason = if event.sequence > sequence {
+                format!(
+                    "the event is missing (the next stored event is {})",
+                    event.sequence
+                )
+            } else {
+                format!("the event says it is number {}", event.sequence)
+            };
+            first_break = Some(broken(sequence, reason));
+            return Ok(false);
         }
-        match &previous {
-            None if event.previous_hash != GENESIS_HASH => {
-                return Err(broken(
-                    sequence,
-                    "the first event does not start the chain".into(),
-                ));
-            }
-            Some((previous_sequence, previous_hash)) if &event.previous_hash != previous_hash => {
-                return Err(broken(
-                    *previous_sequence,
+        if event.previous_hash != previous_hash {
+            first_break = Some(if sequence == 1 {
+                broken(1, "the first event does not start the chain".into())
+            } else {
+                broken(
+                    sequence - 1,
                     format!(
-                        "its hash does not match the previous_hash stored in event {sequence}; \
-                         one of the two was edited or replaced"
+                        "its hash does not match the previous_hash stored in event \
+                         {sequence}; one of the two was edited or replaced"
                     ),
-                ));
-            }
-            _ => {}
+                )
+            });
+            return Ok(false);
         }
-        previous = Some((sequence, hash_hex(&value)));
-        expected_sequence = sequence + 1;
+        previous_hash = hash_hex(line);
+        if head.as_ref().is_some_and(|h| h.sequence == sequence) {
+            head_matches = Some(head.as_ref().is_some_and(|h| h.hash == previous_hash));
+        }
+        last = sequence;
+        Ok(true)
+    });
+    let (_, incomplete_tail) = scanned.map_err(|e| match e {
+        AuditError::Io(e) => VerifyError::Read(e),
+        other => broken(last + 1, other.to_string()),
+    })?;
+    if let Some(chain_break) = first_break {
+        return Err(chain_break);
     }
 
-    let last = expected_sequence - 1;
-    let head_hash = previous.map_or_else(|| GENESIS_HASH.to_owned(), |(_, hash)| hash);
-    match head_tree.get(HEAD_KEY)? {
-        Some(bytes) => {
-            let head: Head = serde_json::from_slice(&bytes)
-                .map_err(|e| broken(last + 1, format!("the chain head is not readable: {e}")))?;
-            if head.sequence > last {
-                return Err(broken(
-                    last + 1,
-                    format!(
-                        "the event is missing (the chain head records {} events)",
-                        head.sequence
-                    ),
-                ));
-            }
-            if head.sequence < last {
-                return Err(broken(
-                    head.sequence + 1,
-                    "the event is not recorded in the chain head".into(),
-                ));
-            }
-            if head.hash != head_hash {
-                return Err(broken(
-                    last,
-                    "its hash does not match the chain head; the event was edited or replaced"
-                        .into(),
-                ));
-            }
+    match head {
+        Some(head) if head.sequence > last => {
+            return Err(broken(
+                last + 1,
+                format!(
+                    "the event is missing (the chain head records {} events)",
+                    head.sequence
+                ),
+            ));
+        }
+        Some(head) if head_matches == Some(false) => {
+            return Err(broken(
+                head.sequence,
+                "its hash does not match the chain head; the event was edited or replaced".into(),
+            ));
         }
         None if last > 0 => {
             return Err(broken(last, "the chain head record is missing".into()));
         }
-        None => {}
+        _ => {}
     }
     Ok(Verified {
         events: last,
-        head_hash,
+        head_hash: previous_hash,
+        incomplete_tail,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AuditLog, EventDraft};
+    use super::super::{AuditLog, EVENTS_FILE, EventDraft, SyncPolicy};
     use super::*;
 
-    async fn trail(events: u64) -> (tempfile::TempDir, sled::Db) {
+    async fn trail(events: u64) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let log = AuditLog::open(&db).unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
         for i in 0..events {
             log.append(EventDraft {
                 caller: format!("caller-{i}"),
@@ -181,79 +170,103 @@ mod tests {
             .await
             .unwrap();
         }
-        (dir, db)
+        dir
     }
 
-    fn break_of(db: &sled::Db) -> ChainBreak {
-        match verify_db(db) {
+    fn break_of(dir: &Path) -> ChainBreak {
+        match verify_data_dir(dir) {
             Err(VerifyError::Broken(chain_break)) => chain_break,
             other => panic!("expected a chain break, got {other:?}"),
         }
     }
 
-    fn edit(db: &sled::Db, sequence: u64, edit: impl FnOnce(&mut AuditEvent)) {
-        let events = db.open_tree(EVENTS_TREE).unwrap();
-        let key = sequence.to_be_bytes();
-        let mut event: AuditEvent =
-            serde_json::from_slice(&events.get(key).unwrap().unwrap()).unwrap();
-        edit(&mut event);
-        events
-            .insert(key, serde_json::to_vec(&event).unwrap())
-            .unwrap();
+    /// Rewrites the event lines of the trail in `dir`.
+    fn rewrite(dir: &Path, change: impl FnOnce(&mut Vec<String>)) {
+        let path = dir.join(EVENTS_FILE);
+        let mut lines: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        change(&mut lines);
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn edit(dir: &Path, sequence: u64, edit: impl FnOnce(&mut AuditEvent)) {
+        rewrite(dir, |lines| {
+            let line = &mut lines[sequence as usize - 1];
+            let mut event: AuditEvent = serde_json::from_str(line).unwrap();
+            edit(&mut event);
+            *line = serde_json::to_string(&event).unwrap();
+        });
     }
 
     #[tokio::test]
     async fn empty_trail_verifies() {
-        let (_dir, db) = trail(0).await;
-        let verified = verify_db(&db).unwrap();
+        let dir = trail(0).await;
+        let verified = verify_data_dir(dir.path()).unwrap();
         assert_eq!(verified.events, 0);
         assert_eq!(verified.head_hash, GENESIS_HASH);
     }
 
     #[tokio::test]
     async fn edited_event_breaks_at_it() {
-        let (_dir, db) = trail(5).await;
-        edit(&db, 3, |e| e.caller = "someone-else".into());
-        assert_eq!(break_of(&db).sequence, 3);
+        let dir = trail(5).await;
+        edit(dir.path(), 3, |e| e.caller = "someone-else".into());
+        assert_eq!(break_of(dir.path()).sequence, 3);
     }
 
     #[tokio::test]
     async fn edited_last_event_breaks_at_it() {
-        let (_dir, db) = trail(5).await;
-        edit(&db, 5, |e| e.code = "PERMISSION_DENIED".into());
-        assert_eq!(break_of(&db).sequence, 5);
+        let dir = trail(5).await;
+        edit(dir.path(), 5, |e| e.code = "PERMISSION_DENIED".into());
+        assert_eq!(break_of(dir.path()).sequence, 5);
     }
 
     #[tokio::test]
     async fn deleted_event_breaks_at_it() {
-        let (_dir, db) = trail(5).await;
-        db.open_tree(EVENTS_TREE)
-            .unwrap()
-            .remove(2u64.to_be_bytes())
-            .unwrap();
-        let chain_break = break_of(&db);
+        let dir = trail(5).await;
+        rewrite(dir.path(), |lines| {
+            lines.remove(1);
+        });
+        let chain_break = break_of(dir.path());
         assert_eq!(chain_break.sequence, 2);
         assert!(chain_break.reason.contains("missing"), "{chain_break}");
     }
 
     #[tokio::test]
     async fn deleted_tail_breaks_at_it() {
-        let (_dir, db) = trail(5).await;
-        let events = db.open_tree(EVENTS_TREE).unwrap();
-        events.remove(5u64.to_be_bytes()).unwrap();
-        events.remove(4u64.to_be_bytes()).unwrap();
-        assert_eq!(break_of(&db).sequence, 4);
+        let dir = trail(5).await;
+        rewrite(dir.path(), |lines| lines.truncate(3));
+        assert_eq!(break_of(dir.path()).sequence, 4);
     }
 
     #[tokio::test]
     async fn unreadable_event_breaks_at_it() {
-        let (_dir, db) = trail(3).await;
-        db.open_tree(EVENTS_TREE)
-            .unwrap()
-            .insert(2u64.to_be_bytes(), b"not json".as_slice())
-            .unwrap();
-        let chain_break = break_of(&db);
+        let dir = trail(3).await;
+        rewrite(dir.path(), |lines| lines[1] = "not json".into());
+        let chain_break = break_of(dir.path());
         assert_eq!(chain_break.sequence, 2);
         assert!(chain_break.reason.contains("not readable"));
+    }
+
+    #[tokio::test]
+    async fn incomplete_tail_is_reported_not_broken() {
+        let dir = trail(2).await;
+        let path = dir.path().join(EVENTS_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"{\"sequence\":3");
+        std::fs::write(&path, bytes).unwrap();
+        let verified = verify_data_dir(dir.path()).unwrap();
+        assert_eq!(verified.events, 2);
+        assert!(verified.incomplete_tail);
+    }
+
+    #[test]
+    fn missing_trail_names_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = verify_data_dir(dir.path()).unwrap_err();
+        assert!(error.to_string().contains("STVAULT_DATA_DIR"), "{error}");
     }
 }

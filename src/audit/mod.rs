@@ -1,29 +1,31 @@
-//! The audit trail: one event per RPC, allowed or denied, appended to the
-//! `audit_events` sled tree of the vault's database and hash-chained, so an
-//! edited or deleted event is detectable by `stvault audit verify`.
+//! The audit trail: one event per RPC, allowed or denied, appended to a file
+//! in the data directory and hash-chained, so an edited or deleted event is
+//! detectable by `stvault audit verify`.
 //!
 //! Events hold identities, ids and outcomes, never a secret, token, app key
 //! or a hash of one.
 
 mod chain;
+mod file;
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sled::Transactional;
 
 use crate::model::Environment;
+use file::TrailFile;
 
-pub use chain::{ChainBreak, Verified, VerifyError, verify_data_dir, verify_db};
+pub use chain::{ChainBreak, Verified, VerifyError, verify_data_dir};
+pub use file::{EVENTS_FILE, HEAD_FILE, SyncPolicy};
 
-const EVENTS_TREE: &str = "audit_events";
-/// Tree holding one key, `HEAD_KEY`: the sequence and hash of the last
-/// event, so deleting events at the end of the chain is detectable too.
-const HEAD_TREE: &str = "audit_head";
-const HEAD_KEY: &[u8] = b"head";
+/// Trees of the sled database that held the trail in earlier versions.
+const LEGACY_EVENTS_TREE: &str = "audit_events";
+const LEGACY_HEAD_TREE: &str = "audit_head";
 /// `previous_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -118,31 +120,25 @@ pub struct Page {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("audit storage error: {0}")]
-    Sled(#[from] sled::Error),
+    #[error("audit trail I/O error: {0}")]
+    Io(#[from] std::io::Error),
     #[error("audit event {sequence} is not readable: {reason}")]
     Corrupt { sequence: u64, reason: String },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("cannot read the audit events of the database: {0}")]
+    Legacy(#[from] sled::Error),
 }
 
-#[derive(Clone, Serialize, Deserialize)]
-struct Head {
-    sequence: u64,
-    hash: String,
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    pub sequence: u64,
+    pub hash: String,
 }
 
-/// The append-only, hash-chained audit trail.
+/// The append-only, hash-chained audit trail of a data directory.
 pub struct AuditLog {
-    db: sled::Db,
-    events: sled::Tree,
-    head_tree: sled::Tree,
-    /// Last appended event. Holding this lock while choosing the sequence
-    /// and inserting keeps the chain in order.
-    head: Mutex<Head>,
-    /// Highest sequence known to be on disk.
-    flushed: AtomicU64,
-    /// Held while flushing, so one fsync covers every event appended
-    /// before it started and waiting appends need not flush again.
-    flush_lock: tokio::sync::Mutex<()>,
+    trail: TrailFile,
     /// False after a failed append, until an append succeeds again.
     healthy: AtomicBool,
     #[cfg(test)]
@@ -150,52 +146,23 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens the audit trees of `db`, continuing the chain after its head.
-    pub fn open(db: &sled::Db) -> Result<Self, AuditError> {
-        let events = db.open_tree(EVENTS_TREE)?;
-        let head_tree = db.open_tree(HEAD_TREE)?;
-        let head = match head_tree.get(HEAD_KEY)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| AuditError::Corrupt {
-                sequence: 0,
-                reason: format!("the chain head is not readable: {e}"),
-            })?,
-            // Every append writes the head with its event, so events without
-            // a head mean the newest events and the head were removed.
-            // Continuing would write a new head over the gap and hide it.
-            None => match events.last()? {
-                Some((key, _)) => {
-                    return Err(AuditError::Corrupt {
-                        sequence: sequence_of(&key),
-                        reason: "the chain head record is missing, so newer events may have                                  been deleted; run `stvault audit verify` on a copy of the data                                  directory"
-                            .to_owned(),
-                    });
-                }
-                None => Head {
-                    sequence: 0,
-                    hash: GENESIS_HASH.to_owned(),
-                },
-            },
-        };
+    /// Opens the trail in `dir`, continuing the chain after its last event.
+    pub fn open(dir: &Path, sync: SyncPolicy) -> Result<Self, AuditError> {
         Ok(Self {
-            db: db.clone(),
-            events,
-            head_tree,
-            flushed: AtomicU64::new(head.sequence),
-            head: Mutex::new(head),
-            flush_lock: tokio::sync::Mutex::new(()),
+            trail: TrailFile::open(dir, sync)?,
             healthy: AtomicBool::new(true),
             #[cfg(test)]
             fail_appends: AtomicBool::new(false),
         })
     }
 
-    /// Number of events stored.
-    pub fn len(&self) -> usize {
-        self.events.len()
+    /// Number of events appended.
+    pub fn len(&self) -> u64 {
+        self.trail.lock().head.sequence
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.len() == 0
     }
 
     /// Returns whether the last append succeeded.
@@ -203,7 +170,7 @@ impl AuditLog {
         self.healthy.load(Ordering::SeqCst)
     }
 
-    /// Appends an event and flushes it to disk before returning.
+    /// Appends an event and returns once it is on disk.
     pub async fn append(&self, draft: EventDraft) -> Result<StoredEvent, AuditError> {
         let result = self.append_inner(draft).await;
         self.healthy.store(result.is_ok(), Ordering::SeqCst);
@@ -213,17 +180,14 @@ impl AuditLog {
     async fn append_inner(&self, draft: EventDraft) -> Result<StoredEvent, AuditError> {
         #[cfg(test)]
         if self.fail_appends.load(Ordering::SeqCst) {
-            return Err(AuditError::Sled(sled::Error::Io(std::io::Error::other(
-                "injected audit write failure",
-            ))));
+            return Err(AuditError::Unavailable(
+                "injected audit write failure".into(),
+            ));
         }
-        let stored = {
-            let mut head = self
-                .head
-                .lock()
-                .expect("the audit head lock is never poisoned");
+        let (stored, queued) = {
+            let mut state = self.trail.lock();
             let event = AuditEvent {
-                sequence: head.sequence + 1,
+                sequence: state.head.sequence + 1,
                 time: SystemTime::now(),
                 request_id: draft.request_id,
                 caller: draft.caller,
@@ -235,61 +199,24 @@ impl AuditLog {
                 tenant_id: draft.tenant_id,
                 credential_version: draft.credential_version,
                 code: draft.code,
-                previous_hash: head.hash.clone(),
+                previous_hash: state.head.hash.clone(),
             };
             let bytes = serde_json::to_vec(&event).expect("audit events are JSON-representable");
-            let next = Head {
+            let head = Head {
                 sequence: event.sequence,
                 hash: hash_hex(&bytes),
             };
-            let head_bytes = serde_json::to_vec(&next).expect("the head is JSON-representable");
-            (&self.events, &self.head_tree)
-                .transaction(|(events, head_tree)| {
-                    events.insert(&event.sequence.to_be_bytes(), bytes.as_slice())?;
-                    head_tree.insert(HEAD_KEY, head_bytes.as_slice())?;
-                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-                })
-                .map_err(|e| match e {
-                    sled::transaction::TransactionError::Storage(e) => AuditError::Sled(e),
-                    sled::transaction::TransactionError::Abort(()) => {
-                        unreachable!("the append transaction never aborts")
-                    }
-                })?;
-            let hash = next.hash.clone();
-            *head = next;
-            StoredEvent { event, hash }
+            let hash = head.hash.clone();
+            let queued = self.trail.queue(&mut state, &bytes, head)?;
+            (StoredEvent { event, hash }, queued)
         };
-        self.flush_through(stored.event.sequence).await?;
+        self.trail.wait(queued).await?;
         Ok(stored)
     }
 
-    /// Waits until every event up to `sequence` is on disk. Concurrent
-    /// callers share one flush (group commit).
-    async fn flush_through(&self, sequence: u64) -> Result<(), AuditError> {
-        if self.flushed.load(Ordering::SeqCst) >= sequence {
-            return Ok(());
-        }
-        let _flushing = self.flush_lock.lock().await;
-        if self.flushed.load(Ordering::SeqCst) >= sequence {
-            return Ok(());
-        }
-        let target = self
-            .head
-            .lock()
-            .expect("the audit head lock is never poisoned")
-            .sequence;
-        // In sled 0.34, `flush_async` futures polled concurrently can stay
-        // pending forever, so the blocking flush runs on the blocking pool.
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| AuditError::Sled(sled::Error::Io(std::io::Error::other(e))))??;
-        self.flushed.fetch_max(target, Ordering::SeqCst);
-        Ok(())
-    }
-
     /// Returns up to `limit` events after sequence `after` that match
-    /// `filter`, oldest first, scanning at most `scan_limit` events.
+    /// `filter`, oldest first, reading at most `scan_limit` events. Only
+    /// events on disk are read.
     pub fn list(
         &self,
         after: u64,
@@ -297,43 +224,60 @@ impl AuditLog {
         scan_limit: usize,
         filter: &Filter,
     ) -> Result<Page, AuditError> {
-        let start = after.saturating_add(1).to_be_bytes();
+        let (durable, start) = {
+            let state = self.trail.lock();
+            let slot = (after / file::INDEX_STRIDE) as usize;
+            match state.index.get(slot) {
+                Some(&offset) if after < state.durable.sequence => (
+                    state.durable.sequence,
+                    (slot as u64 * file::INDEX_STRIDE + 1, offset),
+                ),
+                _ => {
+                    return Ok(Page {
+                        events: Vec::new(),
+                        next_after: None,
+                    });
+                }
+            }
+        };
+        let reader = std::fs::File::open(&self.trail.path)?;
         let mut events = Vec::new();
         let mut last_seen = after;
-        for (scanned, entry) in self.events.range(start..).enumerate() {
-            let (key, value) = entry?;
-            let sequence = sequence_of(&key);
-            if scanned == scan_limit {
-                return Ok(Page {
-                    events,
-                    next_after: Some(last_seen),
-                });
+        let mut scanned = 0;
+        let mut next_after = None;
+        file::scan_lines(&reader, start.1, start.0, |sequence, _, line| {
+            if sequence <= after {
+                return Ok(true);
             }
+            if sequence > durable {
+                return Ok(false);
+            }
+            if scanned == scan_limit {
+                next_after = Some(last_seen);
+                return Ok(false);
+            }
+            scanned += 1;
             let event: AuditEvent =
-                serde_json::from_slice(&value).map_err(|e| AuditError::Corrupt {
+                serde_json::from_slice(line).map_err(|e| AuditError::Corrupt {
                     sequence,
                     reason: e.to_string(),
                 })?;
             if !filter.matches(&event) {
                 last_seen = sequence;
-                continue;
+                return Ok(true);
             }
             if events.len() == limit {
-                return Ok(Page {
-                    events,
-                    next_after: Some(last_seen),
-                });
+                next_after = Some(last_seen);
+                return Ok(false);
             }
             last_seen = sequence;
             events.push(StoredEvent {
                 event,
-                hash: hash_hex(&value),
+                hash: hash_hex(line),
             });
-        }
-        Ok(Page {
-            events,
-            next_after: None,
-        })
+            Ok(true)
+        })?;
+        Ok(Page { events, next_after })
     }
 
     /// Makes every later append fail, to test how RPCs react.
@@ -341,6 +285,72 @@ impl AuditLog {
     pub fn fail_appends(&self, fail: bool) {
         self.fail_appends.store(fail, Ordering::SeqCst);
     }
+}
+
+/// Moves an audit trail kept in the `audit_events` tree of `db`, where
+/// earlier versions stored it, into the trail file of `dir`, byte for byte
+/// so every hash still holds, then drops the old trees. Returns the number
+/// of events moved.
+pub fn import_legacy(db: &sled::Db, dir: &Path) -> Result<u64, AuditError> {
+    let has_tree = |name: &str| {
+        db.tree_names()
+            .iter()
+            .any(|n| n.as_ref() == name.as_bytes())
+    };
+    if !has_tree(LEGACY_EVENTS_TREE) {
+        return Ok(0);
+    }
+    let drop_legacy = || -> Result<(), AuditError> {
+        db.drop_tree(LEGACY_EVENTS_TREE)?;
+        db.drop_tree(LEGACY_HEAD_TREE)?;
+        db.flush()?;
+        Ok(())
+    };
+    let target = file::events_path(dir);
+    let events = db.open_tree(LEGACY_EVENTS_TREE)?;
+    if events.is_empty() || std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
+        // Empty, or moved already by a run that stopped before dropping it.
+        drop_legacy()?;
+        return Ok(0);
+    }
+    let partial = dir.join(format!("{}.import", file::EVENTS_FILE));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)?;
+    let mut head = Head {
+        sequence: 0,
+        hash: GENESIS_HASH.to_owned(),
+    };
+    let mut buffered = std::io::BufWriter::new(&mut out);
+    for entry in events.iter() {
+        let (key, value) = entry?;
+        let sequence = sequence_of(&key);
+        if sequence != head.sequence + 1 {
+            return Err(AuditError::Corrupt {
+                sequence: head.sequence + 1,
+                reason: "the event is missing from the database's audit trail; run the \
+                         previous version's `stvault audit verify`"
+                    .into(),
+            });
+        }
+        buffered.write_all(&value)?;
+        buffered.write_all(b"\n")?;
+        head = Head {
+            sequence,
+            hash: hash_hex(&value),
+        };
+    }
+    buffered.flush()?;
+    drop(buffered);
+    out.sync_all()?;
+    std::fs::write(file::head_path(dir), file::encode_head(&head))?;
+    std::fs::rename(&partial, &target)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    drop_legacy()?;
+    Ok(head.sequence)
 }
 
 fn sequence_of(key: &[u8]) -> u64 {
@@ -373,8 +383,7 @@ mod tests {
     #[tokio::test]
     async fn appends_chain_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let log = AuditLog::open(&db).unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
         let first = log.append(draft("a", 1)).await.unwrap();
         let second = log.append(draft("b", 2)).await.unwrap();
         assert_eq!(first.event.sequence, 1);
@@ -382,40 +391,116 @@ mod tests {
         assert_eq!(second.event.previous_hash, first.hash);
         drop(log);
 
-        let log = AuditLog::open(&db).unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
         let third = log.append(draft("c", 3)).await.unwrap();
         assert_eq!(third.event.sequence, 3);
         assert_eq!(third.event.previous_hash, second.hash);
-        let verified = verify_db(&db).unwrap();
+        drop(log);
+        let verified = verify_data_dir(dir.path()).unwrap();
         assert_eq!(verified.events, 3);
         assert_eq!(verified.head_hash, third.hash);
     }
 
-    #[tokio::test]
-    async fn missing_head_with_events_refuses_open() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_form_one_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let log = AuditLog::open(&db).unwrap();
+        let log = std::sync::Arc::new(AuditLog::open(dir.path(), SyncPolicy::Always).unwrap());
+        let tasks: Vec<_> = (0..32)
+            .map(|task| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        log.append(draft(&format!("caller-{task}"), i))
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(log.len(), 1600);
+        let all = log.list(0, 2000, usize::MAX, &Filter::default()).unwrap();
+        assert_eq!(all.events.len(), 1600);
+        // Paging from past an index entry starts at the right event.
+        let page = log.list(1030, 5, usize::MAX, &Filter::default()).unwrap();
+        let sequences: Vec<u64> = page.events.iter().map(|e| e.event.sequence).collect();
+        assert_eq!(sequences, [1031, 1032, 1033, 1034, 1035]);
+        drop(all);
+        let log = std::sync::Arc::into_inner(log).unwrap();
+        drop(log);
+        assert_eq!(verify_data_dir(dir.path()).unwrap().events, 1600);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interval_sync_writes_before_returning() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = SyncPolicy::Within(std::time::Duration::from_millis(5));
+        let log = AuditLog::open(dir.path(), policy).unwrap();
+        for i in 0..20 {
+            let stored = log.append(draft("a", i)).await.unwrap();
+            // On disk (in the page cache) as soon as the append returns.
+            let text = std::fs::read_to_string(dir.path().join(EVENTS_FILE)).unwrap();
+            assert_eq!(text.lines().count() as u64, stored.event.sequence);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let page = log.list(0, 100, usize::MAX, &Filter::default()).unwrap();
+        assert_eq!(page.events.len(), 20);
+        drop(log);
+        let verified = verify_data_dir(dir.path()).unwrap();
+        assert_eq!(verified.events, 20);
+        let log = AuditLog::open(dir.path(), policy).unwrap();
+        assert_eq!(log.append(draft("b", 1)).await.unwrap().event.sequence, 21);
+    }
+
+    #[tokio::test]
+    async fn incomplete_last_line_is_dropped_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
+        let first = log.append(draft("a", 1)).await.unwrap();
+        drop(log);
+        let path = dir.path().join(EVENTS_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(b"{\"sequence\":2,\"ti");
+        std::fs::write(&path, bytes).unwrap();
+
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
+        let second = log.append(draft("b", 2)).await.unwrap();
+        assert_eq!(second.event.sequence, 2);
+        assert_eq!(second.event.previous_hash, first.hash);
+        drop(log);
+        assert_eq!(verify_data_dir(dir.path()).unwrap().events, 2);
+    }
+
+    #[tokio::test]
+    async fn deleted_tail_refuses_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
         log.append(draft("a", 1)).await.unwrap();
         log.append(draft("b", 2)).await.unwrap();
         drop(log);
 
-        // The newest event and the head removed together.
-        db.open_tree(EVENTS_TREE).unwrap().pop_max().unwrap();
-        db.open_tree(HEAD_TREE).unwrap().remove(HEAD_KEY).unwrap();
-        let error = AuditLog::open(&db).err().expect("open must fail");
-        assert!(
-            error.to_string().contains("head record is missing"),
-            "{error}"
-        );
-        assert!(verify_db(&db).is_err());
+        let path = dir.path().join(EVENTS_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first_line = text.lines().next().unwrap();
+        std::fs::write(&path, format!("{first_line}\n")).unwrap();
+        let error = AuditLog::open(dir.path(), SyncPolicy::Always)
+            .err()
+            .expect("open must fail");
+        assert!(error.to_string().contains("events were deleted"), "{error}");
+
+        std::fs::remove_file(dir.path().join(HEAD_FILE)).unwrap();
+        let error = AuditLog::open(dir.path(), SyncPolicy::Always)
+            .err()
+            .expect("open must fail");
+        assert!(error.to_string().contains("head record"), "{error}");
     }
 
     #[tokio::test]
     async fn list_filters_and_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let log = AuditLog::open(&db).unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
         for i in 0..10 {
             log.append(draft(if i % 2 == 0 { "even" } else { "odd" }, i))
                 .await
@@ -439,13 +524,19 @@ mod tests {
         let page = log.list(0, 100, 4, &filter).unwrap();
         assert_eq!(page.events.len(), 2);
         assert_eq!(page.next_after, Some(4));
+        // Nothing after the last event.
+        assert!(
+            log.list(10, 3, usize::MAX, &filter)
+                .unwrap()
+                .events
+                .is_empty()
+        );
     }
 
     #[tokio::test]
     async fn failed_append_marks_unhealthy() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let log = AuditLog::open(&db).unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
         log.fail_appends(true);
         assert!(log.append(draft("a", 1)).await.is_err());
         assert!(!log.is_healthy());
@@ -453,5 +544,47 @@ mod tests {
         let event = log.append(draft("a", 1)).await.unwrap();
         assert_eq!(event.event.sequence, 1);
         assert!(log.is_healthy());
+    }
+
+    #[tokio::test]
+    async fn legacy_trail_moves_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let tree = db.open_tree(LEGACY_EVENTS_TREE).unwrap();
+        let mut previous = GENESIS_HASH.to_owned();
+        for sequence in 1..=3u64 {
+            let event = AuditEvent {
+                sequence,
+                time: SystemTime::UNIX_EPOCH,
+                request_id: format!("req-{sequence}"),
+                caller: "admin".into(),
+                auth_method: "bearer_key".into(),
+                peer: None,
+                rpc: "ListConnections".into(),
+                connection_id: None,
+                environment: None,
+                tenant_id: None,
+                credential_version: None,
+                code: "OK".into(),
+                previous_hash: previous.clone(),
+            };
+            let bytes = serde_json::to_vec(&event).unwrap();
+            previous = hash_hex(&bytes);
+            tree.insert(sequence.to_be_bytes(), bytes).unwrap();
+        }
+        db.open_tree(LEGACY_HEAD_TREE).unwrap();
+
+        assert_eq!(import_legacy(&db, dir.path()).unwrap(), 3);
+        assert!(
+            !db.tree_names()
+                .iter()
+                .any(|n| n.as_ref() == b"audit_events")
+        );
+        assert_eq!(import_legacy(&db, dir.path()).unwrap(), 0);
+        let verified = verify_data_dir(dir.path()).unwrap();
+        assert_eq!((verified.events, verified.head_hash), (3, previous.clone()));
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
+        let next = log.append(draft("a", 1)).await.unwrap();
+        assert_eq!(next.event.previous_hash, previous);
     }
 }

@@ -411,19 +411,7 @@ impl TrailFile {
         if let Err(error) = writer.file.write_all(&line) {
             let reason = format!("cannot write the audit trail: {error}");
             tracing::error!(%error, "an audit event was not written; its call fails");
-            let kept = state.durable.sequence.div_ceil(INDEX_STRIDE) as usize;
-            state.index.truncate(kept);
-            let end = state.durable_end;
-            let undone = writer
-                .file
-                .set_len(end)
-                .and_then(|()| writer.file.seek(SeekFrom::Start(end)));
-            if let Err(undo) = undone {
-                state.broken = Some(format!(
-                    "{reason}; undoing the partial write also failed ({undo}); restart the \
-                     server"
-                ));
-            }
+            roll_back(state, &mut writer.file, &reason);
             return Err(AuditError::Unavailable(reason));
         }
         self.unsynced.store(true, Ordering::SeqCst);
@@ -524,21 +512,7 @@ impl TrailFile {
                 state.failed.push((first, last, reason.clone()));
                 state.written_ticket = last;
                 state.pending.clear();
-                state.head = state.durable.clone();
-                state.end = state.durable_end;
-                let kept = state.durable.sequence.div_ceil(INDEX_STRIDE) as usize;
-                state.index.truncate(kept);
-                let end = state.durable_end;
-                let undone = writer
-                    .file
-                    .set_len(end)
-                    .and_then(|()| writer.file.seek(SeekFrom::Start(end)));
-                if let Err(undo) = undone {
-                    state.broken = Some(format!(
-                        "{reason}; undoing the partial write also failed ({undo}); restart \
-                         the server"
-                    ));
-                }
+                roll_back(&mut state, &mut writer.file, &reason);
             }
         }
         state.writing = false;
@@ -569,6 +543,25 @@ impl Drop for TrailFile {
         {
             tracing::warn!(%error, "cannot sync the audit trail on close");
         }
+    }
+}
+
+/// Returns the trail to its last written event after a failed write: the
+/// head, the index and the file's length. If the file cannot be cut back,
+/// the trail takes no further events.
+fn roll_back(state: &mut State, file: &mut File, reason: &str) {
+    state.head = state.durable.clone();
+    state.end = state.durable_end;
+    let kept = state.durable.sequence.div_ceil(INDEX_STRIDE) as usize;
+    state.index.truncate(kept);
+    let end = state.durable_end;
+    if let Err(undo) = file
+        .set_len(end)
+        .and_then(|()| file.seek(SeekFrom::Start(end)))
+    {
+        state.broken = Some(format!(
+            "{reason}; undoing the partial write also failed ({undo}); restart the server"
+        ));
     }
 }
 

@@ -31,6 +31,10 @@ pub struct RewrapArgs {
     /// Rewrap at most this many connections, then stop; run again to go on.
     #[arg(long)]
     pub limit: Option<usize>,
+
+    /// Storage of the server; rewrap works only on sled data directories.
+    #[arg(long, env = "STVAULT_STORAGE", default_value = config::DEFAULT_STORAGE)]
+    pub storage: String,
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +51,10 @@ pub struct BackupArgs {
     /// Back up a data directory directly instead, while no server runs on it.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+
+    /// Storage of the server; backups work only on sled data directories.
+    #[arg(long, env = "STVAULT_STORAGE", default_value = config::DEFAULT_STORAGE)]
+    pub storage: String,
 }
 
 #[derive(Args, Debug)]
@@ -67,6 +75,13 @@ pub fn keygen() {
 }
 
 pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
+    // TODO: rewrap a PostgreSQL database too; until then its connections
+    // keep the master key they were wrapped under.
+    sled_only(
+        "rewrap",
+        &args.storage,
+        "keep every master key that connections use in the keyring",
+    )?;
     let source = config::master_key_source(args.master_key_file, &args.data_dir)?;
     let (_lock, store) = open_existing(&args.data_dir)?;
     let keyring = load_existing_keyring(&source)?;
@@ -105,6 +120,11 @@ pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
 }
 
 pub async fn backup(args: BackupArgs) -> Result<(), String> {
+    sled_only(
+        "backup",
+        &args.storage,
+        "back up the database with PostgreSQL's own tools, such as pg_dump",
+    )?;
     let (backup, bytes) = match &args.data_dir {
         Some(dir) => {
             let (_lock, store) = open_existing(dir)?;
@@ -138,6 +158,18 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
         list_or_none(&restored.master_key_ids)
     );
     Ok(())
+}
+
+/// Rejects `command` unless the storage is sled. With PostgreSQL the data
+/// directory holds no connections, so the command would find none.
+fn sled_only(command: &str, storage: &str, advice: &str) -> Result<(), String> {
+    if storage == "sled" {
+        return Ok(());
+    }
+    Err(format!(
+        "stvault {command} works on sled data directories only, and STVAULT_STORAGE is \
+         {storage:?}; with PostgreSQL, {advice}"
+    ))
 }
 
 /// Locks and opens an existing data directory for an offline command.

@@ -227,6 +227,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let connections = match opened.vault.store().len().await {
+        Ok(count) => count,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot count the stored connections");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(
         production.token_url = %config.client.production.token_url,
         production.api_url = %config.client.production.api_url,
@@ -237,7 +244,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     tracing::info!(
         listen = %local,
         data_dir = %config.data_dir.display(),
-        connections = opened.vault.store().len(),
+        storage = opened.vault.store().backend_name(),
+        connections = connections,
         audit_events = opened.audit.len(),
         tls = match &opened.tls {
             None => "off",

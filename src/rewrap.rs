@@ -6,6 +6,8 @@
 //! wrapped under either its old key or the newest one, and running again
 //! finishes the rest. Records already under the newest key are skipped.
 
+use futures::StreamExt;
+
 use crate::keyring::{self, Keyring};
 use crate::store::{Store, StoreError};
 
@@ -40,7 +42,8 @@ pub async fn rewrap(
         ..RewrapReport::default()
     };
     let mut pending = Vec::new();
-    for record in store.iter() {
+    let mut records = std::pin::pin!(store.records());
+    while let Some(record) = records.next().await {
         let record = match record {
             Ok(record) => record,
             Err(StoreError::Corrupt { .. }) => continue,
@@ -69,7 +72,8 @@ pub async fn rewrap(
             continue;
         }
         let read_error = |e| format!("cannot read connection {id}: {e}");
-        let Some((stored_bytes, record)) = store.get_with_bytes(&id).map_err(read_error)? else {
+        let Some((stored_bytes, record)) = store.get_with_bytes(&id).await.map_err(read_error)?
+        else {
             continue;
         };
         let data_key = keyring

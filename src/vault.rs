@@ -387,22 +387,36 @@ impl Vault {
             &record.required_scope_groups,
         )
         .await;
+        // Another replica sharing the database may have replaced this
+        // pending version with its own while this one was verified, so the
+        // steps below act only on the exact version staged above.
+        let is_staged =
+            |v: &CredentialVersion| v.version == number && v.client_secret == pending.client_secret;
         if !report.ok() {
             crate::testhook::point("rotate:before_discard").await;
-            self.update(id, |r| r.versions.retain(|v| v.version != number))
-                .await?;
+            self.update(id, |r| {
+                r.versions
+                    .retain(|v| !(v.state == VersionState::Pending && is_staged(v)))
+            })
+            .await?;
             return Err(VaultError::VerificationFailed(Box::new(report)));
         }
         crate::testhook::point("rotate:after_verify").await;
 
         let (before, next) = self
             .update_pair(id, |r| {
+                if !r.versions.iter().any(is_staged) {
+                    return;
+                }
                 promote(r, number);
                 r.updated_at = SystemTime::now();
                 r.last_verified_at = Some(report.checked_at);
                 r.health = Some(Health::after(r.health.as_ref(), number, &report));
             })
             .await?;
+        if !is_staged(next.current()) {
+            return Err(VaultError::Busy(id.to_owned()));
+        }
         crate::testhook::point("rotate:after_promote").await;
         self.broker.invalidate(id);
         self.announce(&before, &next);

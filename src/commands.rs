@@ -161,7 +161,7 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
 }
 
 /// Rejects `command` unless the storage is sled. With PostgreSQL the data
-/// directory holds no connections, so the command would find none.
+/// directory contains no connections, so the command would find none.
 fn sled_only(command: &str, storage: &str, advice: &str) -> Result<(), String> {
     if storage == "sled" {
         return Ok(());

@@ -32,10 +32,10 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
     pub data_dir: PathBuf,
 
-    /// Where connection records are kept: "sled" (the embedded database in
-    /// the data directory) or "postgres" (a PostgreSQL database that several
-    /// servers can share; set STVAULT_DATABASE_URL or
-    /// STVAULT_DATABASE_URL_FILE).
+    /// Storage of connection records: "sled", the embedded database in the
+    /// data directory, or "postgres", a PostgreSQL database that several
+    /// servers can share. PostgreSQL needs STVAULT_DATABASE_URL or
+    /// STVAULT_DATABASE_URL_FILE.
     #[arg(long, env = "STVAULT_STORAGE", default_value = DEFAULT_STORAGE)]
     pub storage: String,
 
@@ -158,7 +158,7 @@ pub enum MasterKeySource {
     DataDir(PathBuf),
 }
 
-/// Where connection records are kept.
+/// Storage of connection records.
 #[derive(Debug)]
 pub enum Storage {
     /// sled, in the data directory.

@@ -1,7 +1,7 @@
 //! Readiness reported by the gRPC health service. With a shared PostgreSQL
-//! database the server is ready only while the database answers: health
-//! reports NOT_SERVING when it stops answering, and SERVING again once it
-//! does.
+//! database the server is ready only while queries to the database succeed.
+//! Health reports NOT_SERVING when a check query fails, and SERVING again
+//! once one succeeds.
 
 use std::time::Duration;
 

@@ -134,8 +134,8 @@ pub enum StoreError {
 pub struct Store {
     backend: Backend,
     /// The sled database in the data directory. With the sled backend it
-    /// also holds the records; with PostgreSQL it holds only local data such
-    /// as the audit trail.
+    /// also contains the records. With PostgreSQL it contains only local
+    /// data such as the audit trail.
     local: sled::Db,
 }
 
@@ -193,7 +193,7 @@ impl Store {
         Ok(self.len().await? == 0)
     }
 
-    /// Checks that the backend answers a trivial query, for readiness.
+    /// Checks that the backend can run a trivial query, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sled(_) => Ok(()),
@@ -333,8 +333,8 @@ impl Store {
     }
 
     /// Streams every record in id order, reading a page at a time. An
-    /// unreadable record is an `Err(Corrupt)` item and the stream goes on;
-    /// any other error ends it.
+    /// unreadable record is an `Err(Corrupt)` item and the stream goes on,
+    /// but any other error ends it.
     pub fn records(&self) -> impl Stream<Item = Result<ConnectionRecord, StoreError>> + '_ {
         struct Scan {
             buffered: VecDeque<(String, Vec<u8>)>,
@@ -374,9 +374,8 @@ impl Store {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         match &self.backend {
             Backend::Sled(sled) => {
-                // A page of sled reads blocks for a while, so it runs on the
-                // blocking thread pool, as scans of every record did before
-                // they were paged.
+                // A page of sled reads can block for a while, so it runs on
+                // the blocking thread pool rather than a runtime worker.
                 let sled = sled.clone();
                 let after = after.map(str::to_owned);
                 tokio::task::spawn_blocking(move || sled.page(after.as_deref(), limit))
@@ -391,8 +390,8 @@ impl Store {
         }
     }
 
-    /// The sled database in the data directory, for data that stays local
-    /// to this server whatever the backend, such as the audit trail.
+    /// Returns the sled database in the data directory, for data that stays
+    /// local to this server whatever the backend, such as the audit trail.
     pub fn db(&self) -> &sled::Db {
         &self.local
     }

@@ -14,7 +14,7 @@ use crate::crypto::Sealed;
 /// Key prefix of the master key check values in sled's metadata tree.
 const CHECK_VALUE_PREFIX: &str = "master_key_check/";
 
-/// Why `snapshot` and `load_snapshot` fail on PostgreSQL.
+/// Error message of `snapshot` and `load_snapshot` on PostgreSQL.
 pub const POSTGRES_SNAPSHOT_UNSUPPORTED: &str = "stvault backups and restores work on sled data \
      directories only; with STVAULT_STORAGE=postgres, back up the database with PostgreSQL's own \
      tools, such as pg_dump";

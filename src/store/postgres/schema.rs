@@ -1,7 +1,7 @@
 //! Schema migrations, embedded in the binary and run at startup. They run
-//! in one transaction under an advisory lock, so replicas that start
-//! together apply each migration exactly once, and a failed migration
-//! leaves the schema as it was.
+//! in one transaction under a transaction-level advisory lock, so replicas
+//! that start together apply each migration once (the version table records
+//! it), and a failed migration rolls back with the whole transaction.
 
 use deadpool_postgres::Client;
 
@@ -33,8 +33,9 @@ const CREATE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS stvault_schema_mi
     applied_at timestamptz NOT NULL DEFAULT now()
 )";
 
-/// Applies the migrations the database has not seen yet. Rejects a
-/// database whose schema is newer than this binary knows.
+/// Applies the migrations that the version table does not list yet.
+/// Rejects a database whose schema version is newer than any migration of
+/// this binary.
 pub async fn migrate(client: &mut Client, target: &str) -> Result<(), StoreError> {
     let error = |e| database_error(target, e);
     let transaction = client.transaction().await.map_err(error)?;

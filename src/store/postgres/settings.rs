@@ -31,7 +31,7 @@ pub struct DatabaseSettings {
     // not zeroized when the settings are dropped.
     pub(super) config: tokio_postgres::Config,
     /// Root certificates the server's certificate must chain to, when the
-    /// URL asks for TLS.
+    /// URL requests TLS.
     pub(super) tls_roots: Option<Arc<RootCertStore>>,
     /// `postgres://USER@HOST:PORT/DATABASE`, for logs and errors.
     target: String,
@@ -65,6 +65,7 @@ impl DatabaseSettings {
         }
         let (text, ssl_mode) = take_ssl_mode(text);
         let text = SecretString::new(text);
+
         let mut config: tokio_postgres::Config = text.expose().parse().map_err(|e| {
             format!("{ENV_DATABASE_URL}: invalid URL ({e}); expected a URL such as {EXAMPLE_URL}")
         })?;
@@ -79,22 +80,8 @@ impl DatabaseSettings {
             ));
         }
         let target = describe(&config);
-        let tls = match ssl_mode.as_deref() {
-            None | Some("disable") => false,
-            Some("require" | "verify-ca" | "verify-full") => true,
-            Some("allow" | "prefer") => {
-                return Err(format!(
-                    "{ENV_DATABASE_URL}: sslmode={} would fall back to an unencrypted connection \
-                     without notice; set sslmode=verify-full for TLS, or sslmode=disable",
-                    ssl_mode.unwrap_or_default()
-                ));
-            }
-            Some(_) => {
-                return Err(format!(
-                    "{ENV_DATABASE_URL}: sslmode must be disable, require, verify-ca or verify-full"
-                ));
-            }
-        };
+
+        let tls = uses_tls(ssl_mode.as_deref())?;
         let tls_roots = match (tls, ca_file) {
             (true, Some(path)) => Some(Arc::new(read_roots(path)?)),
             (true, None) => Some(Arc::new(RootCertStore {
@@ -102,17 +89,19 @@ impl DatabaseSettings {
             })),
             (false, Some(_)) => {
                 return Err(format!(
-                    "{ENV_DATABASE_CA} is set but {ENV_DATABASE_URL} does not ask for TLS; add \
+                    "{ENV_DATABASE_CA} is set but {ENV_DATABASE_URL} does not request TLS; add \
                      sslmode=verify-full to the URL, or unset {ENV_DATABASE_CA}"
                 ));
             }
             (false, None) => None,
         };
+
         config.ssl_mode(if tls {
             SslMode::Require
         } else {
             SslMode::Disable
         });
+
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
@@ -137,8 +126,24 @@ impl DatabaseSettings {
     }
 }
 
+/// Returns whether `sslmode` turns on TLS, rejecting the modes that could
+/// fall back to plain TCP and unknown ones.
+fn uses_tls(ssl_mode: Option<&str>) -> Result<bool, String> {
+    match ssl_mode {
+        None | Some("disable") => Ok(false),
+        Some("require" | "verify-ca" | "verify-full") => Ok(true),
+        Some(mode @ ("allow" | "prefer")) => Err(format!(
+            "{ENV_DATABASE_URL}: sslmode={mode} would fall back to an unencrypted connection \
+             without notice; set sslmode=verify-full for TLS, or sslmode=disable"
+        )),
+        Some(_) => Err(format!(
+            "{ENV_DATABASE_URL}: sslmode must be disable, require, verify-ca or verify-full"
+        )),
+    }
+}
+
 /// Removes every `sslmode` query parameter from a URL, because
-/// tokio-postgres 0.7 knows only `disable`, `prefer` and `require`. Returns
+/// tokio-postgres 0.7 accepts only `disable`, `prefer` and `require`. Returns
 /// the rest of the URL and the last `sslmode` value.
 fn take_ssl_mode(url: &str) -> (String, Option<String>) {
     let Some((base, query)) = url.split_once('?') else {

@@ -1,6 +1,7 @@
 //! PostgreSQL storage through the real binary: every connection RPC, a
 //! restart, two replicas sharing one database, TLS, a dump free of secrets,
-//! and readiness while the database is down. Each test starts its own
+//! and readiness while the database is down. The `Store` contract is also
+//! checked directly, on sled and on PostgreSQL. Each test starts its own
 //! PostgreSQL cluster (see `support::postgres`).
 
 mod support;
@@ -9,8 +10,14 @@ use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use stvault::crypto::MasterKey;
+use stvault::model::Environment;
 use stvault::pb;
 use stvault::pb::credential_version::State;
+use stvault::secret::SecretString;
+use stvault::store::{ConnectionRecord, DatabaseSettings, Store, StoreError};
+use stvault::vault::{NewConnection, new_record};
 use support::certs::Pki;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::postgres::{self, Postgres};
@@ -542,5 +549,221 @@ async fn sled_tools_refuse_postgres() {
     assert_eq!(
         json(&listed)["connections"].as_array().map(Vec::len),
         Some(1)
+    );
+}
+
+/// Returns a sealed record for `tenant_id` with a connection id that sorts
+/// by `index`.
+fn record(master_key: &MasterKey, index: usize, tenant_id: i64) -> ConnectionRecord {
+    let new = NewConnection {
+        environment: Environment::Integration,
+        tenant_id,
+        client_id: client_id(tenant_id),
+        client_secret: SecretString::new(SECRET_1.into()),
+        app_key: SecretString::new(APP_KEY.into()),
+        display_name: format!("tenant {tenant_id}"),
+        labels: Default::default(),
+        enterprise_hub: false,
+        required_scope_groups: Vec::new(),
+        skip_verification: true,
+    };
+    new_record(master_key, format!("conn-{index:05}"), &new, "test")
+}
+
+/// Runs the same checks of the `Store` contract on one backend: paging
+/// across several scan pages, one connection per tenant, compare-and-swap
+/// on the stored bytes, and delete.
+async fn check_store_contract(store: &Store) {
+    const COUNT: usize = 1200;
+    let (master_key, _) = MasterKey::generate();
+    let records: Vec<ConnectionRecord> = (0..COUNT)
+        .map(|i| record(&master_key, i, 100_000 + i as i64))
+        .collect();
+    store.insert_batch(&records).await.expect("insert a batch");
+    assert_eq!(store.len().await.unwrap(), COUNT);
+
+    let (first, more) = store.list(None, 1000, |_| true).await.unwrap();
+    assert_eq!(first.len(), 1000);
+    assert!(more, "a full page says more may follow");
+    let last = first.last().map(|r| r.id.clone());
+    let (rest, more) = store.list(last.as_deref(), 1000, |_| true).await.unwrap();
+    assert_eq!(rest.len(), COUNT - 1000);
+    assert!(!more, "the last page says nothing follows");
+    let listed: Vec<String> = first.iter().chain(&rest).map(|r| r.id.clone()).collect();
+    let expected: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(listed, expected, "pages list every id once, in order");
+
+    let (one, _) = store
+        .list(None, 10, |r| r.tenant_id == 100_777)
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].id, "conn-00777");
+
+    let streamed: Vec<String> = store
+        .records()
+        .map(|r| r.expect("readable record").id)
+        .collect()
+        .await;
+    assert_eq!(
+        streamed, expected,
+        "the stream yields every id once, in order"
+    );
+
+    let taken = store
+        .insert(&record(&master_key, COUNT, 100_005))
+        .await
+        .expect_err("a second connection for a tenant");
+    match taken {
+        StoreError::TenantTaken { existing_id, .. } => assert_eq!(existing_id, "conn-00005"),
+        other => panic!("expected TenantTaken, got {other}"),
+    }
+
+    let (bytes, stored) = store
+        .get_with_bytes("conn-00001")
+        .await
+        .unwrap()
+        .expect("stored");
+    let mut renamed = stored.clone();
+    renamed.display_name = "renamed".into();
+    store.replace(&bytes, &renamed).await.expect("replace");
+    let mut again = stored.clone();
+    again.display_name = "lost update".into();
+    let conflict = store
+        .replace(&bytes, &again)
+        .await
+        .expect_err("replace with stale bytes");
+    assert!(matches!(conflict, StoreError::Conflict(_)), "{conflict}");
+    let current = store.get("conn-00001").await.unwrap().expect("stored");
+    assert_eq!(current.display_name, "renamed");
+
+    let deleted = store.delete("conn-00002").await.expect("delete");
+    assert_eq!(deleted.map(|r| r.tenant_id), Some(100_002));
+    let missing = store.delete("conn-00002").await.expect_err("delete twice");
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    let found = store
+        .find_by_tenant(Environment::Integration, 100_002)
+        .await
+        .unwrap();
+    assert!(found.is_none(), "the tenant index entry is gone");
+    store
+        .insert(&record(&master_key, COUNT + 1, 100_002))
+        .await
+        .expect("the tenant is free again");
+    let found = store
+        .find_by_tenant(Environment::Integration, 100_002)
+        .await
+        .unwrap()
+        .expect("found by tenant");
+    assert_eq!(found.id, format!("conn-{:05}", COUNT + 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_contract_holds_on_both_backends() {
+    let sled_dir = tempfile::tempdir().unwrap();
+    let sled = Store::open(sled_dir.path()).expect("open sled");
+    check_store_contract(&sled).await;
+
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let settings = DatabaseSettings::parse(&SecretString::new(url), None).unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // Two servers starting together both migrate the empty database.
+    let (first, second) = tokio::join!(
+        Store::connect_postgres(dirs[0].path(), &settings),
+        Store::connect_postgres(dirs[1].path(), &settings),
+    );
+    let postgres = first.expect("connect and migrate");
+    second.expect("connect while another server migrates");
+    check_store_contract(&postgres).await;
+
+    // A batch is one transaction: a taken tenant inserts none of it.
+    let (master_key, _) = MasterKey::generate();
+    let batch = [
+        record(&master_key, 90_000, 190_000),
+        record(&master_key, 90_001, 100_010),
+    ];
+    let failed = postgres
+        .insert_batch(&batch)
+        .await
+        .expect_err("taken tenant");
+    assert!(matches!(failed, StoreError::TenantTaken { .. }), "{failed}");
+    assert!(
+        postgres.get("conn-90000").await.unwrap().is_none(),
+        "part of a failed batch was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_rotations_keep_one_current_version() {
+    const SECRET_3: &str = "cs3.SENTINEL-PG-SECRET-three-51d0";
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    fake.update_app(&client_id(TENANT), |app| {
+        app.client_secrets.push(SECRET_3.into())
+    });
+    // A long upstream timeout, so the slow token request below succeeds.
+    let first = Server::start_postgres(&fake, &url, &[("STVAULT_UPSTREAM_TIMEOUT", "30s")]).await;
+    let second = first.start_replica().await;
+    let id = register(&first, TENANT).await;
+
+    // The first replica stages version 2 and waits on a slow token request
+    // while the second replica rotates the same connection.
+    fake.set_token_delay(Duration::from_secs(5));
+    let mut through_first = first.client().await;
+    let slow_id = id.clone();
+    let slow = tokio::spawn(async move {
+        through_first
+            .rotate_credentials(pb::RotateCredentialsRequest {
+                connection_id: slow_id,
+                client_secret: SECRET_2.into(),
+                ..Default::default()
+            })
+            .await
+    });
+    let started = Instant::now();
+    loop {
+        let connection = get(&second, &id).await.expect("get");
+        if states(&connection).contains(&(2, State::Pending)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the first rotation never stored its pending version"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fake.set_token_delay(Duration::ZERO);
+    let rotated = second
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_3.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotation through the second replica")
+        .into_inner();
+    // Its stage replaced the pending version 2 with its own version 3.
+    assert_eq!(
+        states(&rotated),
+        vec![(1, State::Previous), (3, State::Current)]
+    );
+
+    let outcome = slow.await.unwrap();
+    let status = outcome.expect_err("the first rotation lost its pending version");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let connection = get(&first, &id).await.expect("get");
+    assert_eq!(
+        states(&connection),
+        vec![(1, State::Previous), (3, State::Current)]
+    );
+    token_by_tenant(&second, TENANT).await;
+    let form = fake.last_token_form().expect("a token request was made");
+    assert!(
+        form.contains(&("client_secret".into(), SECRET_3.into())),
+        "the current version does not hold the second replica's secret"
     );
 }

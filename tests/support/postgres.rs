@@ -5,8 +5,8 @@
 //! PostgreSQL refuses to run as root, so under root the cluster belongs to
 //! the `postgres` user that Debian's package creates, or else to a
 //! `stvault-test` system user created on first use, and every server command
-//! runs through `runuser`. Starting a cluster takes about 2.5 s (initdb
-//! included) on a 2-core machine.
+//! runs through `runuser`. Starting a cluster took about 2.5 s (initdb
+//! included) when measured on a 2-core machine.
 #![allow(dead_code)]
 
 use std::net::TcpListener;

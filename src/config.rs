@@ -393,7 +393,7 @@ pub fn master_key_source(
 
 /// Chooses the storage from `STVAULT_STORAGE`, with the database URL from
 /// `STVAULT_DATABASE_URL` or `url_file` for PostgreSQL.
-fn storage(
+pub fn storage(
     value: &str,
     url_file: Option<&PathBuf>,
     ca_file: Option<&Path>,

@@ -54,8 +54,8 @@ enum Command {
     #[command(subcommand)]
     MasterKey(MasterKeyCommand),
     /// Re-wrap every data key under the newest master key, so older keys can
-    /// be removed. Runs while the server is stopped; safe to interrupt and
-    /// run again.
+    /// be removed. With sled it runs while the server is stopped; with
+    /// PostgreSQL, servers may keep serving. Safe to interrupt and run again.
     Rewrap(RewrapArgs),
     /// Write a backup file of a running server (or of a stopped data
     /// directory); secrets stay sealed under the master keys.

@@ -8,6 +8,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -505,7 +506,7 @@ async fn bad_database_fails_startup_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sled_tools_refuse_postgres() {
+async fn backup_refuses_postgres() {
     let cluster = Postgres::start();
     let url = cluster.create_database("vault").await;
     let fake = fake().await;
@@ -536,20 +537,57 @@ async fn sled_tools_refuse_postgres() {
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("pg_dump"), "{refused:?}");
 
-    let output = server.run(&[
-        "rewrap",
-        "--data-dir",
-        &server.data_dir().display().to_string(),
-    ]);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "rewrap succeeded");
-    assert!(stderr.contains("sled data directories only"), "{stderr}");
-
     let listed = server.grpcurl("ListConnections", "{}");
     assert_eq!(
         json(&listed)["connections"].as_array().map(Vec::len),
         Some(1)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_runs_beside_serving_replica() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let mut server = Server::start_postgres(&fake, &url, &[]).await;
+    let first = register(&server, TENANT).await;
+    let second = register(&server, TENANT + 1).await;
+    let old_key = std::fs::read_to_string(&server.env["STVAULT_MASTER_KEY_FILE"]).unwrap();
+    let old_key = old_key.trim().to_owned();
+    let new_key = server::keygen();
+    let new_key_id = new_key.split_whitespace().next().unwrap().to_owned();
+
+    // The new key goes last in the keyring, and the server restarts with it.
+    let key_file = PathBuf::from(&server.env["STVAULT_MASTER_KEY_FILE"]);
+    server::write_key_file(&key_file, &[&old_key, &new_key]);
+    server.restart_after_kill9().await;
+
+    // Rewrap with a data directory of its own while the server keeps
+    // serving from the same database.
+    let rewrap_dir = tempfile::tempdir().unwrap();
+    let mut env = server.env.clone();
+    env.insert(
+        "STVAULT_DATA_DIR".into(),
+        rewrap_dir.path().display().to_string(),
+    );
+    let (code, output) = server::run_command(&["rewrap"], &env);
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!(
+            "rewrapped 2 connections under master key {new_key_id}"
+        )),
+        "{output}"
+    );
+
+    // With only the new key left, the server starts and opens both.
+    server::write_key_file(&key_file, &[&new_key]);
+    server.restart_after_kill9().await;
+    for id in [&first, &second] {
+        let connection = get(&server, id).await.expect("get");
+        assert_eq!(connection.versions.len(), 1);
+    }
+    let token = token_by_tenant(&server, TENANT + 1).await;
+    assert_eq!(token.app_key, APP_KEY);
 }
 
 /// Returns a sealed record for `tenant_id` with a connection id that sorts

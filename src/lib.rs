@@ -184,7 +184,7 @@ async fn open_store(config: &Config) -> Result<Store, StartupError> {
                         "cannot open the PostgreSQL database of {}: {e}; check that the \
                          database is running and that the URL's host, port, user, password \
                          and database name are right",
-                        store::postgres::ENV_DATABASE_URL
+                        settings.setting()
                     ))
                 })?;
             tracing::info!(

@@ -17,6 +17,7 @@ use stvault::model::Environment;
 use stvault::pb;
 use stvault::pb::credential_version::State;
 use stvault::secret::SecretString;
+use stvault::store::postgres::DatabaseUrl;
 use stvault::store::{ConnectionRecord, DatabaseSettings, Store, StoreError};
 use stvault::vault::{NewConnection, new_record};
 use support::certs::Pki;
@@ -704,7 +705,11 @@ async fn store_contract_holds_on_both_backends() {
 
     let cluster = Postgres::start();
     let url = cluster.create_database("vault").await;
-    let settings = DatabaseSettings::parse(&SecretString::new(url), None).unwrap();
+    let url = DatabaseUrl {
+        text: SecretString::new(url),
+        setting: "STVAULT_DATABASE_URL",
+    };
+    let settings = DatabaseSettings::parse(&url, None).unwrap();
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     // Two servers starting together both migrate the empty database.
     let (first, second) = tokio::join!(

@@ -20,7 +20,8 @@ mod schema;
 mod settings;
 
 pub use settings::{
-    DatabaseSettings, ENV_DATABASE_CA, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE, read_url,
+    DatabaseSettings, DatabaseUrl, ENV_DATABASE_CA, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE,
+    read_url,
 };
 
 /// Maximum open connections per server. Every statement is short, so a few

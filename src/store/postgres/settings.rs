@@ -35,6 +35,21 @@ pub struct DatabaseSettings {
     pub(super) tls_roots: Option<Arc<RootCertStore>>,
     /// `postgres://USER@HOST:PORT/DATABASE`, for logs and errors.
     target: String,
+    /// The setting the URL came from, for errors.
+    setting: &'static str,
+}
+
+/// A database URL and the setting it came from.
+pub struct DatabaseUrl {
+    pub text: SecretString,
+    /// `STVAULT_DATABASE_URL` or `STVAULT_DATABASE_URL_FILE`, for errors.
+    pub setting: &'static str,
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl(<from {} redacted>)", self.setting)
+    }
 }
 
 impl fmt::Debug for DatabaseSettings {
@@ -56,32 +71,31 @@ impl DatabaseSettings {
     ///
     /// Errors start with the setting they are about, and never contain the
     /// URL's password.
-    pub fn parse(url: &SecretString, ca_file: Option<&Path>) -> Result<Self, String> {
-        let text = url.expose().trim();
+    pub fn parse(url: &DatabaseUrl, ca_file: Option<&Path>) -> Result<Self, String> {
+        let setting = url.setting;
+        let text = url.text.expose().trim();
         if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
-            return Err(format!(
-                "{ENV_DATABASE_URL}: expected a URL such as {EXAMPLE_URL}"
-            ));
+            return Err(format!("{setting}: expected a URL such as {EXAMPLE_URL}"));
         }
         let (text, ssl_mode) = take_ssl_mode(text);
         let text = SecretString::new(text);
 
         let mut config: tokio_postgres::Config = text.expose().parse().map_err(|e| {
-            format!("{ENV_DATABASE_URL}: invalid URL ({e}); expected a URL such as {EXAMPLE_URL}")
+            format!("{setting}: invalid URL ({e}); expected a URL such as {EXAMPLE_URL}")
         })?;
         if config.get_hosts().is_empty() {
             return Err(format!(
-                "{ENV_DATABASE_URL}: the URL names no host; expected a URL such as {EXAMPLE_URL}"
+                "{setting}: the URL names no host; expected a URL such as {EXAMPLE_URL}"
             ));
         }
         if config.get_user().is_none_or(str::is_empty) {
             return Err(format!(
-                "{ENV_DATABASE_URL}: the URL names no user; expected a URL such as {EXAMPLE_URL}"
+                "{setting}: the URL names no user; expected a URL such as {EXAMPLE_URL}"
             ));
         }
         let target = describe(&config);
 
-        let tls = uses_tls(ssl_mode.as_deref())?;
+        let tls = uses_tls(setting, ssl_mode.as_deref())?;
         let tls_roots = match (tls, ca_file) {
             (true, Some(path)) => Some(Arc::new(read_roots(path)?)),
             (true, None) => Some(Arc::new(RootCertStore {
@@ -89,7 +103,7 @@ impl DatabaseSettings {
             })),
             (false, Some(_)) => {
                 return Err(format!(
-                    "{ENV_DATABASE_CA} is set but {ENV_DATABASE_URL} does not request TLS; add \
+                    "{ENV_DATABASE_CA} is set but {setting} does not request TLS; add \
                      sslmode=verify-full to the URL, or unset {ENV_DATABASE_CA}"
                 ));
             }
@@ -112,6 +126,7 @@ impl DatabaseSettings {
             config,
             tls_roots,
             target,
+            setting,
         })
     }
 
@@ -124,20 +139,25 @@ impl DatabaseSettings {
     pub fn uses_tls(&self) -> bool {
         self.tls_roots.is_some()
     }
+
+    /// Returns the setting the URL came from.
+    pub fn setting(&self) -> &'static str {
+        self.setting
+    }
 }
 
 /// Returns whether `sslmode` turns on TLS, rejecting the modes that could
 /// fall back to plain TCP and unknown ones.
-fn uses_tls(ssl_mode: Option<&str>) -> Result<bool, String> {
+fn uses_tls(setting: &str, ssl_mode: Option<&str>) -> Result<bool, String> {
     match ssl_mode {
         None | Some("disable") => Ok(false),
         Some("require" | "verify-ca" | "verify-full") => Ok(true),
         Some(mode @ ("allow" | "prefer")) => Err(format!(
-            "{ENV_DATABASE_URL}: sslmode={mode} would fall back to an unencrypted connection \
+            "{setting}: sslmode={mode} would fall back to an unencrypted connection \
              without notice; set sslmode=verify-full for TLS, or sslmode=disable"
         )),
         Some(_) => Err(format!(
-            "{ENV_DATABASE_URL}: sslmode must be disable, require, verify-ca or verify-full"
+            "{setting}: sslmode must be disable, require, verify-ca or verify-full"
         )),
     }
 }
@@ -221,12 +241,15 @@ fn read_roots(path: &Path) -> Result<RootCertStore, String> {
 pub fn read_url(
     env_url: Option<SecretString>,
     file: Option<&PathBuf>,
-) -> Result<SecretString, String> {
+) -> Result<DatabaseUrl, String> {
     match (env_url, file) {
         (Some(_), Some(_)) => Err(format!(
             "{ENV_DATABASE_URL} and {ENV_DATABASE_URL_FILE} are both set; set only one"
         )),
-        (Some(url), None) => Ok(url),
+        (Some(text), None) => Ok(DatabaseUrl {
+            text,
+            setting: ENV_DATABASE_URL,
+        }),
         (None, Some(path)) => {
             check_url_file_mode(path)?;
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -236,7 +259,10 @@ pub fn read_url(
                 )
             })?;
             let text = SecretString::new(text);
-            Ok(SecretString::new(text.expose().trim().to_owned()))
+            Ok(DatabaseUrl {
+                text: SecretString::new(text.expose().trim().to_owned()),
+                setting: ENV_DATABASE_URL_FILE,
+            })
         }
         (None, None) => Err(format!(
             "STVAULT_STORAGE=postgres needs the database URL: set {ENV_DATABASE_URL} or \
@@ -272,8 +298,15 @@ mod tests {
 
     const PASSWORD: &str = "SENTINEL-db-password-31f7";
 
+    fn from_env(url: &str) -> DatabaseUrl {
+        DatabaseUrl {
+            text: SecretString::new(url.to_owned()),
+            setting: ENV_DATABASE_URL,
+        }
+    }
+
     fn parse(url: &str) -> Result<DatabaseSettings, String> {
-        DatabaseSettings::parse(&SecretString::new(url.to_owned()), None)
+        DatabaseSettings::parse(&from_env(url), None)
     }
 
     #[test]
@@ -322,7 +355,7 @@ mod tests {
     #[test]
     fn ca_file_needs_tls() {
         let error = DatabaseSettings::parse(
-            &SecretString::new("postgres://stvault@127.0.0.1/vault".into()),
+            &from_env("postgres://stvault@127.0.0.1/vault"),
             Some(Path::new("/nonexistent/ca.pem")),
         )
         .unwrap_err();
@@ -346,9 +379,13 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let url = read_url(None, Some(&path)).unwrap();
         assert_eq!(
-            url.expose(),
+            url.text.expose(),
             format!("postgres://stvault:{PASSWORD}@127.0.0.1/vault")
         );
+        assert_eq!(url.setting, ENV_DATABASE_URL_FILE);
+        let error =
+            DatabaseSettings::parse(&url, Some(Path::new("/nonexistent/ca.pem"))).unwrap_err();
+        assert!(error.contains(ENV_DATABASE_URL_FILE), "{error}");
     }
 
     #[test]
@@ -359,6 +396,9 @@ mod tests {
         assert!(error.contains("both set"), "{error}");
         let error = read_url(None, None).unwrap_err();
         assert!(error.contains(ENV_DATABASE_URL), "{error}");
-        assert_eq!(read_url(url(), None).unwrap().expose(), "postgres://a@b/c");
+        assert_eq!(
+            read_url(url(), None).unwrap().text.expose(),
+            "postgres://a@b/c"
+        );
     }
 }

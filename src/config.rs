@@ -457,13 +457,19 @@ fn parse_check_interval(value: &str) -> Result<Option<Duration>, String> {
 
 /// Refuses a key file that group or others can read or write.
 pub fn check_key_file_mode(path: &Path) -> Result<(), String> {
+    check_private_file_mode(path, "master key file")
+}
+
+/// Refuses a file holding a secret, called `description` in messages, that
+/// group or others can read or write.
+pub fn check_private_file_mode(path: &Path, description: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let metadata = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read master key file {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read {description} {}: {e}", path.display()))?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "master key file {} has mode {mode:o}, which lets other users read it; run chmod 600 on it",
+            "{description} {} has mode {mode:o}, which lets other users read it; run chmod 600 on it",
             path.display()
         ));
     }

@@ -208,25 +208,13 @@ fn describe(config: &tokio_postgres::Config) -> String {
 }
 
 fn read_roots(path: &Path) -> Result<RootCertStore, String> {
-    let pem = std::fs::read(path)
-        .map_err(|e| format!("{ENV_DATABASE_CA}: cannot read {}: {e}", path.display()))?;
-    let certificates: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| {
-            format!(
-                "{ENV_DATABASE_CA}: {} is not valid PEM: {e}",
-                path.display()
-            )
-        })?;
-    if certificates.is_empty() {
-        return Err(format!(
-            "{ENV_DATABASE_CA}: {} holds no PEM CERTIFICATE block",
-            path.display()
-        ));
-    }
+    let pem = crate::auth::tls::read_certificates(ENV_DATABASE_CA, path)?;
     let mut roots = RootCertStore::empty();
-    for certificate in certificates {
-        roots.add(certificate).map_err(|e| {
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
+        let added = certificate
+            .map_err(|e| e.to_string())
+            .and_then(|certificate| roots.add(certificate).map_err(|e| e.to_string()));
+        added.map_err(|e| {
             format!(
                 "{ENV_DATABASE_CA}: {} holds an unusable certificate: {e}",
                 path.display()
@@ -251,7 +239,8 @@ pub fn read_url(
             setting: ENV_DATABASE_URL,
         }),
         (None, Some(path)) => {
-            check_url_file_mode(path)?;
+            crate::config::check_private_file_mode(path, "database URL file")
+                .map_err(|e| format!("{ENV_DATABASE_URL_FILE}: {e}"))?;
             let text = std::fs::read_to_string(path).map_err(|e| {
                 format!(
                     "{ENV_DATABASE_URL_FILE}: cannot read {}: {e}",
@@ -269,27 +258,6 @@ pub fn read_url(
              {ENV_DATABASE_URL_FILE} (a file containing it), such as {EXAMPLE_URL}"
         )),
     }
-}
-
-/// Rejects a URL file that group or others can read or write, since the URL
-/// contains the database password.
-fn check_url_file_mode(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let metadata = std::fs::metadata(path).map_err(|e| {
-        format!(
-            "{ENV_DATABASE_URL_FILE}: cannot read {}: {e}",
-            path.display()
-        )
-    })?;
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{ENV_DATABASE_URL_FILE}: {} has mode {mode:o}, which lets other users read the \
-             database password; run chmod 600 on it",
-            path.display()
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -360,6 +328,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.starts_with(ENV_DATABASE_CA), "{error}");
+    }
+
+    #[test]
+    fn unreadable_ca_file_names_setting() {
+        let error = DatabaseSettings::parse(
+            &from_env("postgres://stvault@127.0.0.1/vault?sslmode=verify-full"),
+            Some(Path::new("/nonexistent/ca.pem")),
+        )
+        .unwrap_err();
+        assert!(error.starts_with(ENV_DATABASE_CA), "{error}");
+        assert!(error.contains("/nonexistent/ca.pem"), "{error}");
     }
 
     #[test]

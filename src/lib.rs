@@ -181,7 +181,7 @@ async fn open_store(config: &Config) -> Result<Store, StartupError> {
                 .await
                 .map_err(|e| {
                     StartupError(format!(
-                        "cannot open the PostgreSQL database of {}: {e}; check that the \
+                        "cannot open the PostgreSQL database named by {}: {e}; check that the \
                          database is running and that the URL's host, port, user, password \
                          and database name are right",
                         settings.setting()

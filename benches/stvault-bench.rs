@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use fake_servicetitan::{FakeApp, FakeServiceTitan};
 use stvault::audit::SyncPolicy;
 use stvault::broker::BrokerSettings;
-use stvault::config::{Config, MasterKeySource};
+use stvault::config::{Config, MasterKeySource, Storage};
 use stvault::crypto::MasterKey;
 use stvault::health::HealthSettings;
 use stvault::model::Environment;
@@ -261,6 +261,7 @@ fn config(
     Config {
         listen: "127.0.0.1:0".parse().expect("a valid address"),
         data_dir: data_dir.to_owned(),
+        storage: Storage::Sled,
         master_key: MasterKeySource::Environment(key_text.clone()),
         client: ClientConfig {
             production: endpoints.clone(),
@@ -508,7 +509,7 @@ async fn build_store(data_dir: &Path, key_text: &SecretString, count: usize) {
             batch.clear();
         }
     }
-    assert_eq!(store.len(), count);
+    assert_eq!(store.len().await.unwrap(), count);
 }
 
 /// Times `SYNC_SAMPLES` appends of an audit-sized line to a file, each

@@ -14,6 +14,7 @@ use crate::backup::Backup;
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 use crate::pb::admin_server::Admin;
+use crate::store::StoreError;
 use crate::vault::Vault;
 
 /// Size of one `BackupChunk`, well under gRPC's default 4 MiB message limit.
@@ -54,9 +55,15 @@ impl AdminService {
     async fn snapshot_stream(&self) -> Result<Response<ChunkStream>, Status> {
         let started = Instant::now();
         let snapshot = self.vault.store().snapshot().await.map_err(|e| {
-            tracing::warn!(error = %e, "backup snapshot failed");
-            crate::metrics::record_rpc("CreateBackup", tonic::Code::Internal, started.elapsed());
-            Status::internal("cannot read the data directory; see the server log")
+            let status = match e {
+                StoreError::Unsupported(reason) => Status::failed_precondition(reason),
+                other => {
+                    tracing::warn!(error = %other, "backup snapshot failed");
+                    Status::internal("cannot read the data directory; see the server log")
+                }
+            };
+            crate::metrics::record_rpc("CreateBackup", status.code(), started.elapsed());
+            status
         })?;
         let backup = Backup::new(snapshot);
         let bytes = backup.encode();

@@ -7,19 +7,21 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::backup::{self, Backup};
-use crate::config::{self, MasterKeySource};
+use crate::config::{self, MasterKeySource, Storage};
 use crate::crypto::MasterKey;
 use crate::datadir;
 use crate::keyring::{self, Keyring};
 use crate::rewrap;
-use crate::store::Store;
+use crate::store::{DatabaseSettings, Store};
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 
 #[derive(Args, Debug)]
 pub struct RewrapArgs {
     /// Data directory to rewrap. The server must be stopped: rewrap takes
-    /// the directory's lock.
+    /// the directory's lock. With PostgreSQL storage the records are in the
+    /// database, and the directory only has to be one that no running
+    /// server holds.
     #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
     pub data_dir: PathBuf,
 
@@ -31,6 +33,20 @@ pub struct RewrapArgs {
     /// Rewrap at most this many connections, then stop; run again to go on.
     #[arg(long)]
     pub limit: Option<usize>,
+
+    /// Storage of the records to rewrap: "sled" or "postgres", as for
+    /// `stvault serve`.
+    #[arg(long, env = "STVAULT_STORAGE", default_value = config::DEFAULT_STORAGE)]
+    pub storage: String,
+
+    /// File containing the PostgreSQL URL, as for `stvault serve`.
+    /// STVAULT_DATABASE_URL may contain the URL instead.
+    #[arg(long, env = "STVAULT_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// PEM CA certificates for the PostgreSQL server, as for `stvault serve`.
+    #[arg(long, env = "STVAULT_DATABASE_CA")]
+    pub database_ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +63,10 @@ pub struct BackupArgs {
     /// Back up a data directory directly instead, while no server runs on it.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+
+    /// Storage of the server; backups work only on sled data directories.
+    #[arg(long, env = "STVAULT_STORAGE", default_value = config::DEFAULT_STORAGE)]
+    pub storage: String,
 }
 
 #[derive(Args, Debug)]
@@ -67,8 +87,16 @@ pub fn keygen() {
 }
 
 pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
+    let storage = config::storage(
+        &args.storage,
+        args.database_url_file.as_ref(),
+        args.database_ca.as_deref(),
+    )?;
     let source = config::master_key_source(args.master_key_file, &args.data_dir)?;
-    let (_lock, store) = open_existing(&args.data_dir)?;
+    let (_lock, store) = match storage {
+        Storage::Sled => open_existing(&args.data_dir)?,
+        Storage::Postgres(settings) => open_postgres(&args.data_dir, &settings).await?,
+    };
     let keyring = load_existing_keyring(&source)?;
     let report = rewrap::rewrap(&store, &keyring, args.limit).await?;
     store
@@ -105,6 +133,11 @@ pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
 }
 
 pub async fn backup(args: BackupArgs) -> Result<(), String> {
+    sled_only(
+        "backup",
+        &args.storage,
+        "back up the database with PostgreSQL's own tools, such as pg_dump",
+    )?;
     let (backup, bytes) = match &args.data_dir {
         Some(dir) => {
             let (_lock, store) = open_existing(dir)?;
@@ -140,6 +173,18 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Rejects `command` unless the storage is sled. With PostgreSQL the data
+/// directory contains no connections, so the command would find none.
+fn sled_only(command: &str, storage: &str, advice: &str) -> Result<(), String> {
+    if storage == "sled" {
+        return Ok(());
+    }
+    Err(format!(
+        "stvault {command} works on sled data directories only, and STVAULT_STORAGE is \
+         {storage:?}; with PostgreSQL, {advice}"
+    ))
+}
+
 /// Locks and opens an existing data directory for an offline command.
 fn open_existing(dir: &Path) -> Result<(datadir::DataDirLock, Store), String> {
     if !dir.join(crate::store::DB_DIR_NAME).is_dir() {
@@ -154,6 +199,26 @@ fn open_existing(dir: &Path) -> Result<(datadir::DataDirLock, Store), String> {
     })?;
     let store = Store::open(dir)
         .map_err(|e| format!("cannot open the database in {}: {e}", dir.display()))?;
+    Ok((lock, store))
+}
+
+/// Locks a data directory and connects to the PostgreSQL database for an
+/// offline command. The directory only provides the local sled database,
+/// which the command leaves unused, so it may be new.
+async fn open_postgres(
+    dir: &Path,
+    settings: &DatabaseSettings,
+) -> Result<(datadir::DataDirLock, Store), String> {
+    datadir::create(dir)?;
+    let lock = datadir::lock(dir, datadir::DEFAULT_LOCK_WAIT).map_err(|e| match e {
+        datadir::LockError::InUse { .. } => {
+            format!("{e}; name the data directory of no running server with --data-dir")
+        }
+        other => other.to_string(),
+    })?;
+    let store = Store::connect_postgres(dir, settings)
+        .await
+        .map_err(|e| format!("cannot open the PostgreSQL database: {e}"))?;
     Ok((lock, store))
 }
 

@@ -13,7 +13,9 @@ use crate::auth::policy::Policy;
 use crate::auth::tls::TlsFiles;
 use crate::broker::BrokerSettings;
 use crate::health::HealthSettings;
+use crate::secret::SecretString;
 use crate::servicetitan::{self, ClientConfig, Endpoints};
+use crate::store::postgres::{self, DatabaseSettings};
 
 pub const ENV_MASTER_KEY: &str = "STVAULT_MASTER_KEY";
 pub const DEFAULT_KEY_FILE_NAME: &str = "master.key";
@@ -26,8 +28,29 @@ pub struct ServeArgs {
     pub listen: String,
 
     /// Directory of the embedded database (created if missing, mode 0700).
+    /// With PostgreSQL storage it still holds the lock, the generated master
+    /// key and the audit trail.
     #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
     pub data_dir: PathBuf,
+
+    /// Storage of connection records: "sled", the embedded database in the
+    /// data directory, or "postgres", a PostgreSQL database that several
+    /// servers can share. PostgreSQL needs STVAULT_DATABASE_URL or
+    /// STVAULT_DATABASE_URL_FILE.
+    #[arg(long, env = "STVAULT_STORAGE", default_value = DEFAULT_STORAGE)]
+    pub storage: String,
+
+    /// File containing the PostgreSQL URL, such as
+    /// postgres://USER:PASSWORD@HOST:5432/DATABASE?sslmode=verify-full.
+    /// STVAULT_DATABASE_URL may contain the URL instead.
+    #[arg(long, env = "STVAULT_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// PEM CA certificates that the PostgreSQL server's certificate must
+    /// chain to, instead of the Mozilla roots. Needs sslmode=verify-full (or
+    /// require or verify-ca) in the URL.
+    #[arg(long, env = "STVAULT_DATABASE_CA")]
+    pub database_ca: Option<PathBuf>,
 
     /// File with the master keyring: one base64 key (32 bytes) per line,
     /// optionally preceded by its id, oldest first. New data is wrapped under
@@ -124,6 +147,7 @@ pub struct ServeArgs {
 }
 
 pub const DEFAULT_SHUTDOWN_GRACE: &str = "10s";
+pub const DEFAULT_STORAGE: &str = "sled";
 
 /// Settings of the metrics listener.
 #[derive(Clone, Debug)]
@@ -142,9 +166,19 @@ pub enum MasterKeySource {
     DataDir(PathBuf),
 }
 
+/// Storage of connection records.
+#[derive(Debug)]
+pub enum Storage {
+    /// sled, in the data directory.
+    Sled,
+    /// A PostgreSQL database, which several servers may share.
+    Postgres(Box<DatabaseSettings>),
+}
+
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub storage: Storage,
     pub master_key: MasterKeySource,
     pub client: ClientConfig,
     pub broker: BrokerSettings,
@@ -178,6 +212,13 @@ impl Config {
         let master_key = master_key_source(args.master_key_file, &args.data_dir)
             .map_err(|e| errors.push(e))
             .ok();
+        let storage = storage(
+            &args.storage,
+            args.database_url_file.as_ref(),
+            args.database_ca.as_deref(),
+        )
+        .map_err(|e| errors.push(e))
+        .ok();
 
         let mut url =
             |setting: &str, value: &str| match servicetitan::parse_endpoint(setting, value) {
@@ -310,6 +351,7 @@ impl Config {
         Ok(Config {
             listen: listen.expect(unwrap),
             data_dir: args.data_dir,
+            storage: storage.expect(unwrap),
             master_key: master_key.expect(unwrap),
             client: ClientConfig {
                 production: Endpoints {
@@ -362,6 +404,40 @@ pub fn master_key_source(
     }
 }
 
+/// Chooses the storage from `STVAULT_STORAGE`, with the database URL from
+/// `STVAULT_DATABASE_URL` or `url_file` for PostgreSQL.
+pub fn storage(
+    value: &str,
+    url_file: Option<&PathBuf>,
+    ca_file: Option<&Path>,
+) -> Result<Storage, String> {
+    let env_url = std::env::var(postgres::ENV_DATABASE_URL)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(SecretString::new);
+    match value {
+        "sled" => {
+            let database_settings = [
+                (postgres::ENV_DATABASE_URL, env_url.is_some()),
+                (postgres::ENV_DATABASE_URL_FILE, url_file.is_some()),
+                (postgres::ENV_DATABASE_CA, ca_file.is_some()),
+            ];
+            match database_settings.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(format!(
+                    "{name} is set but STVAULT_STORAGE is sled; set STVAULT_STORAGE=postgres to \
+                     use PostgreSQL, or unset {name}"
+                )),
+                None => Ok(Storage::Sled),
+            }
+        }
+        "postgres" => {
+            let url = postgres::read_url(env_url, url_file)?;
+            DatabaseSettings::parse(&url, ca_file).map(|s| Storage::Postgres(Box::new(s)))
+        }
+        _ => Err("STVAULT_STORAGE: expected sled or postgres".into()),
+    }
+}
+
 fn parse_duration(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|_| format!("{value:?} is not a duration such as \"5s\" or \"500ms\""))?;
@@ -410,13 +486,19 @@ fn parse_check_interval(value: &str) -> Result<Option<Duration>, String> {
 
 /// Refuses a key file that group or others can read or write.
 pub fn check_key_file_mode(path: &Path) -> Result<(), String> {
+    check_private_file_mode(path, "master key file")
+}
+
+/// Refuses a file holding a secret, called `description` in messages, that
+/// group or others can read or write.
+pub fn check_private_file_mode(path: &Path, description: &str) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let metadata = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read master key file {}: {e}", path.display()))?;
+        .map_err(|e| format!("cannot read {description} {}: {e}", path.display()))?;
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "master key file {} has mode {mode:o}, which lets other users read it; run chmod 600 on it",
+            "{description} {} has mode {mode:o}, which lets other users read it; run chmod 600 on it",
             path.display()
         ));
     }

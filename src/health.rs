@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
@@ -159,7 +160,7 @@ async fn check_periodically(vault: &Arc<Vault>, interval: Duration, concurrency:
         tokio::time::sleep_until(cycle_start).await;
         let shortened_by = rand::thread_rng().gen_range(0.0..=CYCLE_JITTER);
         let cycle = interval.mul_f64(1.0 - shortened_by);
-        let ids = match connection_ids(vault) {
+        let ids = match connection_ids(vault).await {
             Ok(ids) => ids,
             Err(error) => {
                 tracing::warn!(%error, "health check could not list connections");
@@ -190,9 +191,10 @@ async fn check_periodically(vault: &Arc<Vault>, interval: Duration, concurrency:
     }
 }
 
-fn connection_ids(vault: &Vault) -> Result<Vec<String>, VaultError> {
+async fn connection_ids(vault: &Vault) -> Result<Vec<String>, VaultError> {
     let mut ids = Vec::new();
-    for record in vault.store().iter() {
+    let mut records = std::pin::pin!(vault.store().records());
+    while let Some(record) = records.next().await {
         ids.push(record?.id);
     }
     Ok(ids)

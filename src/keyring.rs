@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+use futures::StreamExt;
+
 use crate::config::{self, MasterKeySource};
 use crate::crypto::{DataKey, IntegrityError, MasterKey};
 use crate::secret::SecretString;
@@ -212,7 +214,7 @@ impl KeyringCheck {
 ///   neither configured nor used are removed.
 pub async fn check(store: &Store, keyring: &Keyring) -> Result<KeyringCheck, String> {
     let read_error = |e: StoreError| format!("cannot read the data directory: {e}");
-    let stored = store.check_values().map_err(read_error)?;
+    let stored = store.check_values().await.map_err(read_error)?;
 
     let mut any_matches = false;
     for (id, sealed) in &stored {
@@ -244,7 +246,8 @@ pub async fn check(store: &Store, keyring: &Keyring) -> Result<KeyringCheck, Str
 
     let mut report = KeyringCheck::default();
     let mut missing: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for record in store.iter() {
+    let mut records = std::pin::pin!(store.records());
+    while let Some(record) = records.next().await {
         let record = match record {
             Ok(record) => record,
             Err(StoreError::Corrupt { key, .. }) => {

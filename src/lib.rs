@@ -16,6 +16,7 @@ pub mod health;
 pub mod keyring;
 pub mod metrics;
 pub mod model;
+pub mod readiness;
 pub mod rewrap;
 pub mod secret;
 pub mod servicetitan;
@@ -31,8 +32,14 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::config::Config;
+use crate::config::{Config, Storage};
 use crate::store::Store;
+
+/// Minimum age of a pending credential version that startup discards when
+/// the store is shared. Younger ones may belong to a rotation that another
+/// server is still verifying. A stale pending version does no harm until
+/// then: the next rotation replaces it.
+const SHARED_STALE_PENDING_AGE: Duration = Duration::from_secs(60 * 60);
 
 /// Generated protobuf and gRPC code for `stvault.v1`.
 pub mod pb {
@@ -73,12 +80,7 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     let lock = datadir::lock(&config.data_dir, datadir::DEFAULT_LOCK_WAIT)
         .map_err(|e| StartupError(e.to_string()))?;
     let keyring = keyring::load(&config.master_key).map_err(StartupError)?;
-    let store = Store::open(&config.data_dir).map_err(|e| {
-        StartupError(format!(
-            "cannot open the database in {}: {e}",
-            config.data_dir.display()
-        ))
-    })?;
+    let store = open_store(config).await?;
     let checked = keyring::check(&store, &keyring)
         .await
         .map_err(StartupError)?;
@@ -151,8 +153,13 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         servicetitan::ServiceTitanClient::new(config.client.clone()).map_err(StartupError)?;
     let broker = Arc::new(broker::Broker::new(client, config.broker.clone()));
     let vault = Arc::new(vault::Vault::new(store, broker, keyring));
+    let stale_age = if vault.store().is_shared() {
+        SHARED_STALE_PENDING_AGE
+    } else {
+        Duration::ZERO
+    };
     let cleaned = vault
-        .discard_stale_pending()
+        .discard_stale_pending(stale_age)
         .await
         .map_err(|e| StartupError(format!("cannot clean up interrupted rotations: {e}")))?;
     for id in cleaned {
@@ -169,6 +176,36 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         metrics_listener,
         health_listener,
     })
+}
+
+/// Opens the configured store: sled in the data directory, or PostgreSQL.
+async fn open_store(config: &Config) -> Result<Store, StartupError> {
+    match &config.storage {
+        Storage::Sled => Store::open(&config.data_dir).map_err(|e| {
+            StartupError(format!(
+                "cannot open the database in {}: {e}",
+                config.data_dir.display()
+            ))
+        }),
+        Storage::Postgres(settings) => {
+            let store = Store::connect_postgres(&config.data_dir, settings)
+                .await
+                .map_err(|e| {
+                    StartupError(format!(
+                        "cannot open the PostgreSQL database named by {}: {e}; check that the \
+                         database is running and that the URL's host, port, user, password \
+                         and database name are right",
+                        settings.setting()
+                    ))
+                })?;
+            tracing::info!(
+                database = settings.target(),
+                tls = settings.uses_tls(),
+                "connected to PostgreSQL"
+            );
+            Ok(store)
+        }
+    }
 }
 
 /// Builds the authenticator for the configured policy, warning about
@@ -267,6 +304,13 @@ pub async fn serve(
             .tls_config(tls.server_config())
             .map_err(|e| StartupError(format!("invalid TLS configuration: {e}")))?;
     }
+    let readiness = store.is_shared().then(|| {
+        tokio::spawn(readiness::watch_database(
+            store.clone(),
+            health_reporter.clone(),
+            stop_requested.clone(),
+        ))
+    });
     let checker = tokio::spawn(health::run(
         opened.vault.clone(),
         opened.health.clone(),
@@ -320,6 +364,9 @@ pub async fn serve(
         ),
     }
     checker.abort();
+    if let Some(task) = readiness {
+        task.abort();
+    }
     if let Some(task) = metrics_task {
         task.abort();
     }

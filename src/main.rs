@@ -54,8 +54,8 @@ enum Command {
     #[command(subcommand)]
     MasterKey(MasterKeyCommand),
     /// Re-wrap every data key under the newest master key, so older keys can
-    /// be removed. Runs while the server is stopped; safe to interrupt and
-    /// run again.
+    /// be removed. With sled it runs while the server is stopped; with
+    /// PostgreSQL, servers may keep serving. Safe to interrupt and run again.
     Rewrap(RewrapArgs),
     /// Write a backup file of a running server (or of a stopped data
     /// directory); secrets stay sealed under the master keys.
@@ -233,6 +233,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
+    let connections = match opened.vault.store().len().await {
+        Ok(count) => count,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot count the stored connections");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(
         production.token_url = %config.client.production.token_url,
         production.api_url = %config.client.production.api_url,
@@ -243,7 +250,8 @@ async fn serve(args: ServeArgs) -> ExitCode {
     tracing::info!(
         listen = %local,
         data_dir = %config.data_dir.display(),
-        connections = opened.vault.store().len(),
+        storage = opened.vault.store().backend_name(),
+        connections = connections,
         audit_events = opened.audit.len(),
         tls = match &opened.tls {
             None => "off",

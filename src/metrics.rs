@@ -14,6 +14,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use axum::http::header::CONTENT_TYPE;
+use futures::StreamExt;
 use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -270,10 +271,14 @@ pub fn connection_state(record: &ConnectionRecord) -> &'static str {
 
 /// Returns the metrics as OpenMetrics text, with connection counts read
 /// from `store` now.
-pub fn render(store: &Store) -> String {
+pub async fn render(store: &Store) -> String {
     let metrics = &*METRICS;
     let mut counts: BTreeMap<(Environment, &'static str), i64> = BTreeMap::new();
-    for record in store.iter().filter_map(Result::ok) {
+    let mut records = std::pin::pin!(store.records());
+    while let Some(record) = records.next().await {
+        let Ok(record) = record else {
+            continue;
+        };
         *counts
             .entry((record.environment, connection_state(&record)))
             .or_default() += 1;
@@ -305,9 +310,7 @@ pub async fn serve(
         axum::routing::get(move || {
             let store = store.clone();
             async move {
-                let body = tokio::task::spawn_blocking(move || render(&store))
-                    .await
-                    .unwrap_or_default();
+                let body = render(&store).await;
                 ([(CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body)
             }
         }),

@@ -1,32 +1,37 @@
-//! Connection records in sled: one tree of records keyed by connection id,
-//! one index from (environment, tenant) to connection id, and a metadata tree.
+//! Connection records and where they are kept: in sled, an embedded database
+//! in the data directory (the default), or in PostgreSQL, which several
+//! replicas can share.
 //!
-//! Every write that changes more than one key runs in a sled transaction, and
-//! every public write method flushes to disk before it returns, so a write
-//! acknowledged to a caller survives `kill -9`.
+//! Both backends give the same guarantees. Every write is durable before it
+//! returns, a write that changes several keys is atomic, `replace` is a
+//! compare-and-swap on the exact stored bytes, and each (environment,
+//! tenant) has at most one connection. Both store the same bytes: the
+//! record's JSON, whose secrets are sealed before they reach the store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::SystemTime;
 
+use futures::Stream;
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::crypto::Sealed;
 use crate::health::Health;
 use crate::model::Environment;
 
-/// Subdirectory of the data directory with the sled database.
-pub const DB_DIR_NAME: &str = "db";
-const CONNECTIONS_TREE: &str = "connections";
-const TENANT_INDEX_TREE: &str = "tenant_index";
-const META_TREE: &str = "meta";
-const CHECK_VALUE_PREFIX: &str = "master_key_check/";
-
 mod maintenance;
+pub mod postgres;
+mod sled_store;
+
 pub use maintenance::Snapshot;
+pub use postgres::DatabaseSettings;
+pub use sled_store::DB_DIR_NAME;
+
+use postgres::PostgresStore;
+use sled_store::SledStore;
+
+/// Records read per query when scanning every record.
+const SCAN_PAGE_SIZE: usize = 500;
 
 /// A stored connection. Secret fields are sealed under the connection's data
 /// key, which is itself wrapped under a master key.
@@ -100,6 +105,16 @@ impl ConnectionRecord {
 pub enum StoreError {
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    /// The PostgreSQL database could not be reached, or dropped the
+    /// connection. The message names the database, never its password.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// PostgreSQL rejected a statement.
+    #[error("database error: {0}")]
+    Database(String),
+    /// The operation exists only for the sled backend.
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("stored record {key} is not readable: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("a connection for {environment} tenant {tenant_id} already exists: {existing_id}")]
@@ -114,56 +129,93 @@ pub enum StoreError {
     NotFound(String),
 }
 
+/// The connection store, over one of the two backends.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    connections: sled::Tree,
-    tenant_index: sled::Tree,
-    meta: sled::Tree,
-    /// Held by every write from its first change through its flush. sled
-    /// 0.34 deadlocks when a transaction waits for its exclusive lock while
-    /// several `flush_async` calls hold and wait for the shared one, which
-    /// concurrent RegisterConnection calls reached within seconds.
-    writes: Arc<tokio::sync::Mutex<()>>,
+    backend: Backend,
+    /// The sled database in the data directory. With the sled backend it
+    /// also contains the records. With PostgreSQL it contains only local
+    /// data such as the audit trail.
+    local: sled::Db,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sled(SledStore),
+    Postgres(PostgresStore),
 }
 
 impl Store {
+    /// Opens the sled store in the data directory `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        // Every write flushes before it returns, so sled's background
-        // flusher would add nothing but another party to the deadlock that
-        // `writes` prevents.
-        let db = sled::Config::new()
-            .path(dir.join(DB_DIR_NAME))
-            .flush_every_ms(None)
-            .open()?;
+        let sled = SledStore::open(dir)?;
         Ok(Self {
-            connections: db.open_tree(CONNECTIONS_TREE)?,
-            tenant_index: db.open_tree(TENANT_INDEX_TREE)?,
-            meta: db.open_tree(META_TREE)?,
-            db,
-            writes: Arc::new(tokio::sync::Mutex::new(())),
+            local: sled.db().clone(),
+            backend: Backend::Sled(sled),
         })
     }
 
-    pub fn len(&self) -> usize {
-        self.connections.len()
+    /// Connects to PostgreSQL and brings its schema up to date, and opens
+    /// the local sled database in `dir` for the data that stays local.
+    pub async fn connect_postgres(
+        dir: &Path,
+        settings: &DatabaseSettings,
+    ) -> Result<Self, StoreError> {
+        let postgres = PostgresStore::connect(settings).await?;
+        Ok(Self {
+            local: sled_store::open_db(dir)?,
+            backend: Backend::Postgres(postgres),
+        })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.connections.is_empty()
+    /// Returns the backend's name, for logs: `sled` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sled(_) => "sled",
+            Backend::Postgres(_) => "postgres",
+        }
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
-        Ok(self.get_with_bytes(id)?.map(|(_, record)| record))
+    /// Returns whether other servers may write to this store at the same
+    /// time, as they may with PostgreSQL.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    pub async fn len(&self) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Sled(sled) => Ok(sled.len()),
+            Backend::Postgres(postgres) => postgres.count().await,
+        }
+    }
+
+    pub async fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len().await? == 0)
+    }
+
+    /// Checks that the backend can run a trivial query, for readiness.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(_) => Ok(()),
+            Backend::Postgres(postgres) => postgres.ping().await,
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
+        Ok(self.get_with_bytes(id).await?.map(|(_, record)| record))
     }
 
     /// Returns a record with the exact bytes it was read from, for a later
     /// `replace`.
-    pub fn get_with_bytes(
+    pub async fn get_with_bytes(
         &self,
         id: &str,
-    ) -> Result<Option<(sled::IVec, ConnectionRecord)>, StoreError> {
-        match self.connections.get(id.as_bytes())? {
+    ) -> Result<Option<(Vec<u8>, ConnectionRecord)>, StoreError> {
+        let bytes = match &self.backend {
+            Backend::Sled(sled) => sled.get_bytes(id)?,
+            Backend::Postgres(postgres) => postgres.get_bytes(id).await?,
+        };
+        match bytes {
             Some(bytes) => {
                 let record = decode_record(id.as_bytes(), &bytes)?;
                 Ok(Some((bytes, record)))
@@ -172,23 +224,19 @@ impl Store {
         }
     }
 
-    pub fn find_by_tenant(
+    pub async fn find_by_tenant(
         &self,
         environment: Environment,
         tenant_id: i64,
     ) -> Result<Option<ConnectionRecord>, StoreError> {
-        let Some(id) = self.tenant_index.get(tenant_key(environment, tenant_id))? else {
+        let found = match &self.backend {
+            Backend::Sled(sled) => sled.find_by_tenant(environment, tenant_id)?,
+            Backend::Postgres(postgres) => postgres.find_by_tenant(environment, tenant_id).await?,
+        };
+        let Some((id, bytes)) = found else {
             return Ok(None);
         };
-        let id = String::from_utf8_lossy(&id).into_owned();
-        let Some(record) = self.get(&id)? else {
-            return Err(StoreError::Corrupt {
-                key: id,
-                reason: format!(
-                    "the index entry of {environment} tenant {tenant_id} names a missing record"
-                ),
-            });
-        };
+        let record = decode_record(id.as_bytes(), &bytes)?;
         // An index entry edited to point at another tenant's record must not
         // hand out that tenant's credentials.
         if record.environment != environment || record.tenant_id != tenant_id {
@@ -204,50 +252,22 @@ impl Store {
 
     /// Inserts a new connection and its tenant index entry atomically.
     pub async fn insert(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
-        let _write = self.writes.lock().await;
-        self.insert_unflushed(record)?;
-        self.sync().await?;
-        Ok(())
-    }
-
-    fn insert_unflushed(&self, record: &ConnectionRecord) -> Result<(), StoreError> {
-        let index_key = tenant_key(record.environment, record.tenant_id);
-        let bytes = encode(record);
-        let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
-            if let Some(existing) = index.get(&index_key)? {
-                return Err(ConflictableTransactionError::Abort(
-                    String::from_utf8_lossy(&existing).into_owned(),
-                ));
-            }
-            connections.insert(record.id.as_bytes(), bytes.as_slice())?;
-            index.insert(index_key.as_slice(), record.id.as_bytes())?;
-            Ok(())
-        });
-        match result {
-            Ok(()) => {}
-            Err(TransactionError::Abort(existing_id)) => {
-                return Err(StoreError::TenantTaken {
-                    environment: record.environment,
-                    tenant_id: record.tenant_id,
-                    existing_id,
-                });
-            }
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        match &self.backend {
+            Backend::Sled(sled) => sled.insert(record).await,
+            Backend::Postgres(postgres) => postgres.insert(record).await,
         }
-        Ok(())
     }
 
-    /// Inserts many new connections, each like `insert`, with one flush at
-    /// the end instead of one per record. For bulk imports and benchmarks:
-    /// nothing is durable until this returns, and a failure leaves the
-    /// records before it inserted.
+    /// Inserts many new connections, each like `insert`, for bulk imports
+    /// and benchmarks. With sled there is one flush at the end instead of
+    /// one per record: nothing is durable until this returns, and a failure
+    /// leaves the records before it inserted. With PostgreSQL the batch is
+    /// one transaction, so a failure inserts none.
     pub async fn insert_batch(&self, records: &[ConnectionRecord]) -> Result<(), StoreError> {
-        let _write = self.writes.lock().await;
-        for record in records {
-            self.insert_unflushed(record)?;
+        match &self.backend {
+            Backend::Sled(sled) => sled.insert_batch(records).await,
+            Backend::Postgres(postgres) => postgres.insert_batch(records).await,
         }
-        self.sync().await?;
-        Ok(())
     }
 
     /// Replaces a record if its stored bytes are still `previous_bytes`,
@@ -255,135 +275,135 @@ impl Store {
     /// overwrite each other.
     pub async fn replace(
         &self,
-        previous_bytes: &sled::IVec,
+        previous_bytes: &[u8],
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
-        let _write = self.writes.lock().await;
-        let swapped = self.connections.compare_and_swap(
-            next.id.as_bytes(),
-            Some(previous_bytes),
-            Some(encode(next)),
-        )?;
-        if swapped.is_err() {
-            return Err(StoreError::Conflict(next.id.clone()));
+        match &self.backend {
+            Backend::Sled(sled) => sled.replace(previous_bytes, next).await,
+            Backend::Postgres(postgres) => postgres.replace(previous_bytes, next).await,
         }
-        self.sync().await?;
-        Ok(())
     }
 
-    /// Deletes a connection and the index entries that point at it,
-    /// atomically. An unreadable record is deleted too, so an operator can
-    /// remove it; its record is then returned as `None`.
+    /// Deletes a connection and its tenant index entry, atomically. An
+    /// unreadable record is deleted too, so an operator can remove it; its
+    /// record is then returned as `None`.
     pub async fn delete(&self, id: &str) -> Result<Option<ConnectionRecord>, StoreError> {
-        // Index entries are found by value, so a record whose own tenant
-        // fields are unreadable or edited still loses exactly its entries.
-        let _write = self.writes.lock().await;
-        let mut index_keys = Vec::new();
-        for entry in self.tenant_index.iter() {
-            let (key, value) = entry?;
-            if value.as_ref() == id.as_bytes() {
-                index_keys.push(key);
-            }
-        }
-        let result = (&self.connections, &self.tenant_index).transaction(|(connections, index)| {
-            let Some(bytes) = connections.remove(id.as_bytes())? else {
-                return Err(ConflictableTransactionError::Abort(()));
-            };
-            for key in &index_keys {
-                if index
-                    .get(key)?
-                    .is_some_and(|value| value.as_ref() == id.as_bytes())
-                {
-                    index.remove(key)?;
-                }
-            }
-            Ok(decode_record(id.as_bytes(), &bytes).ok())
-        });
-        let record = match result {
-            Ok(record) => record,
-            Err(TransactionError::Abort(())) => return Err(StoreError::NotFound(id.to_owned())),
-            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        let bytes = match &self.backend {
+            Backend::Sled(sled) => sled.delete(id).await?,
+            Backend::Postgres(postgres) => postgres.delete(id).await?,
         };
-        self.sync().await?;
-        Ok(record)
+        Ok(decode_record(id.as_bytes(), &bytes).ok())
     }
 
     /// Returns up to `limit` records with ids after `after`, in id order,
     /// that pass `filter`, and whether more may follow.
-    pub fn list(
+    pub async fn list(
         &self,
         after: Option<&str>,
         limit: usize,
         filter: impl Fn(&ConnectionRecord) -> bool,
     ) -> Result<(Vec<ConnectionRecord>, bool), StoreError> {
-        let range = match after {
-            Some(after) => {
-                let mut start = after.as_bytes().to_vec();
-                start.push(0);
-                self.connections.range(start..)
-            }
-            None => self.connections.iter(),
-        };
         let mut page = Vec::new();
-        for entry in range {
-            let (key, value) = entry?;
-            let record = match decode_record(&key, &value) {
-                Ok(record) => record,
-                Err(error) => {
-                    // One damaged record must not hide every other one.
-                    tracing::error!(%error, "skipping an unreadable connection record");
+        let mut after = after.map(str::to_owned);
+        loop {
+            let entries = self.page(after.as_deref(), SCAN_PAGE_SIZE).await?;
+            let last_page = entries.len() < SCAN_PAGE_SIZE;
+            after = entries.last().map(|(id, _)| id.clone());
+            for (id, bytes) in entries {
+                let record = match decode_record(id.as_bytes(), &bytes) {
+                    Ok(record) => record,
+                    Err(error) => {
+                        // One damaged record must not hide every other one.
+                        tracing::error!(%error, "skipping an unreadable connection record");
+                        continue;
+                    }
+                };
+                if !filter(&record) {
                     continue;
                 }
-            };
-            if !filter(&record) {
-                continue;
+                if page.len() == limit {
+                    return Ok((page, true));
+                }
+                page.push(record);
             }
-            if page.len() == limit {
-                return Ok((page, true));
+            if last_page {
+                return Ok((page, false));
             }
-            page.push(record);
         }
-        Ok((page, false))
     }
 
-    /// Iterates over every record in id order.
-    pub fn iter(&self) -> impl Iterator<Item = Result<ConnectionRecord, StoreError>> + '_ {
-        self.connections.iter().map(|entry| {
-            let (key, value) = entry?;
-            decode_record(&key, &value)
+    /// Streams every record in id order, reading a page at a time. An
+    /// unreadable record is an `Err(Corrupt)` item and the stream goes on,
+    /// but any other error ends it.
+    pub fn records(&self) -> impl Stream<Item = Result<ConnectionRecord, StoreError>> + '_ {
+        struct Scan {
+            buffered: VecDeque<(String, Vec<u8>)>,
+            after: Option<String>,
+            finished: bool,
+        }
+        let start = Scan {
+            buffered: VecDeque::new(),
+            after: None,
+            finished: false,
+        };
+        futures::stream::unfold(start, move |mut scan| async move {
+            if scan.buffered.is_empty() && !scan.finished {
+                match self.page(scan.after.as_deref(), SCAN_PAGE_SIZE).await {
+                    Ok(entries) => {
+                        scan.finished = entries.len() < SCAN_PAGE_SIZE;
+                        scan.after = entries.last().map(|(id, _)| id.clone());
+                        scan.buffered = entries.into();
+                    }
+                    Err(error) => {
+                        scan.finished = true;
+                        return Some((Err(error), scan));
+                    }
+                }
+            }
+            let (id, bytes) = scan.buffered.pop_front()?;
+            Some((decode_record(id.as_bytes(), &bytes), scan))
         })
     }
 
-    /// The database, for other trees that must live in the same directory,
-    /// such as the audit trail.
+    /// Returns up to `limit` stored (id, bytes) pairs with ids after
+    /// `after`, in id order.
+    async fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        match &self.backend {
+            Backend::Sled(sled) => {
+                // A page of sled reads can block for a while, so it runs on
+                // the blocking thread pool rather than a runtime worker.
+                let sled = sled.clone();
+                let after = after.map(str::to_owned);
+                tokio::task::spawn_blocking(move || sled.page(after.as_deref(), limit))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Sled(sled::Error::ReportableBug(format!(
+                            "read task failed: {e}"
+                        )))
+                    })?
+            }
+            Backend::Postgres(postgres) => postgres.page(after, limit).await,
+        }
+    }
+
+    /// Returns the sled database in the data directory, for data that stays
+    /// local to this server whatever the backend, such as the audit trail.
     pub fn db(&self) -> &sled::Db {
-        &self.db
+        &self.local
     }
 
+    /// Flushes the local sled database to disk. PostgreSQL writes are
+    /// durable when they return, so there is nothing more to flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let _write = self.writes.lock().await;
-        self.sync().await?;
-        Ok(())
+        match &self.backend {
+            Backend::Sled(sled) => sled.flush().await,
+            Backend::Postgres(_) => sled_store::flush_db(&self.local).await,
+        }
     }
-
-    /// Flushes every write to disk. sled 0.34's `flush_async` futures can
-    /// stay pending forever when several are polled at once, so the blocking
-    /// `flush` runs on the blocking thread pool instead.
-    async fn sync(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| {
-                StoreError::Sled(sled::Error::ReportableBug(format!(
-                    "flush task failed: {e}"
-                )))
-            })??;
-        Ok(())
-    }
-}
-
-fn tenant_key(environment: Environment, tenant_id: i64) -> Vec<u8> {
-    format!("{}/{tenant_id}", environment.as_str()).into_bytes()
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

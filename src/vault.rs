@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
 
 use crate::broker::{Broker, CachedToken, Credentials, Slot};
@@ -150,19 +151,21 @@ impl Vault {
         &self.broker
     }
 
-    pub fn get(&self, id: &str) -> Result<ConnectionRecord, VaultError> {
+    pub async fn get(&self, id: &str) -> Result<ConnectionRecord, VaultError> {
         self.store
-            .get(id)?
+            .get(id)
+            .await?
             .ok_or_else(|| VaultError::NotFound(id.to_owned()))
     }
 
-    pub fn find(
+    pub async fn find(
         &self,
         environment: Environment,
         tenant_id: i64,
     ) -> Result<ConnectionRecord, VaultError> {
         self.store
-            .find_by_tenant(environment, tenant_id)?
+            .find_by_tenant(environment, tenant_id)
+            .await?
             .ok_or(VaultError::TenantNotFound {
                 environment,
                 tenant_id,
@@ -176,7 +179,11 @@ impl Vault {
         new: NewConnection,
         caller: &str,
     ) -> Result<(ConnectionRecord, bool), VaultError> {
-        if let Some(existing) = self.store.find_by_tenant(new.environment, new.tenant_id)? {
+        if let Some(existing) = self
+            .store
+            .find_by_tenant(new.environment, new.tenant_id)
+            .await?
+        {
             return self.same_or_taken(existing, &new).map(|r| (r, false));
         }
 
@@ -214,7 +221,7 @@ impl Vault {
             Ok(()) => Ok((record, true)),
             Err(StoreError::TenantTaken { existing_id, .. }) => {
                 // A concurrent registration of the same tenant won the race.
-                let existing = self.get(&existing_id)?;
+                let existing = self.get(&existing_id).await?;
                 self.same_or_taken(existing, &new).map(|r| (r, false))
             }
             Err(e) => Err(e.into()),
@@ -311,7 +318,7 @@ impl Vault {
         let lock = self.change_lock(id);
         let _guard = lock.lock().await;
 
-        let record = self.get(id)?;
+        let record = self.get(id).await?;
         let current = self.open_current(&record)?;
         let client_id = rotation
             .client_id
@@ -380,22 +387,36 @@ impl Vault {
             &record.required_scope_groups,
         )
         .await;
+        // Another replica sharing the database may have replaced this
+        // pending version with its own while this one was verified, so the
+        // steps below act only on the exact version staged above.
+        let is_staged =
+            |v: &CredentialVersion| v.version == number && v.client_secret == pending.client_secret;
         if !report.ok() {
             crate::testhook::point("rotate:before_discard").await;
-            self.update(id, |r| r.versions.retain(|v| v.version != number))
-                .await?;
+            self.update(id, |r| {
+                r.versions
+                    .retain(|v| !(v.state == VersionState::Pending && is_staged(v)))
+            })
+            .await?;
             return Err(VaultError::VerificationFailed(Box::new(report)));
         }
         crate::testhook::point("rotate:after_verify").await;
 
         let (before, next) = self
             .update_pair(id, |r| {
+                if !r.versions.iter().any(is_staged) {
+                    return;
+                }
                 promote(r, number);
                 r.updated_at = SystemTime::now();
                 r.last_verified_at = Some(report.checked_at);
                 r.health = Some(Health::after(r.health.as_ref(), number, &report));
             })
             .await?;
+        if !is_staged(next.current()) {
+            return Err(VaultError::Busy(id.to_owned()));
+        }
         crate::testhook::point("rotate:after_promote").await;
         self.broker.invalidate(id);
         self.announce(&before, &next);
@@ -407,7 +428,7 @@ impl Vault {
         let lock = self.change_lock(id);
         let _guard = lock.lock().await;
 
-        let record = self.get(id)?;
+        let record = self.get(id).await?;
         let Some(previous) = record
             .versions
             .iter()
@@ -428,7 +449,7 @@ impl Vault {
 
     /// Verifies the stored credentials and records the time of a success.
     pub async fn verify(&self, id: &str) -> Result<Report, VaultError> {
-        let record = self.get(id)?;
+        let record = self.get(id).await?;
         let credentials = self.open_current(&record)?;
         let report = verify::verify(
             self.broker.client(),
@@ -466,7 +487,7 @@ impl Vault {
     /// Marks the connection `NeedsAttention` after ServiceTitan rejected
     /// credential `version` with `invalid_client` on a token request.
     pub async fn record_token_rejection(&self, id: &str, version: u32) -> Result<(), VaultError> {
-        let record = self.get(id)?;
+        let record = self.get(id).await?;
         let already = record
             .health
             .as_ref()
@@ -488,7 +509,7 @@ impl Vault {
         let lock = self.change_lock(id);
         let _guard = lock.lock().await;
 
-        let record = self.get(id)?;
+        let record = self.get(id).await?;
         let mut verified = None;
         if let Some(groups) = &update.required_scope_groups {
             let added = groups
@@ -570,7 +591,7 @@ impl Vault {
         change: impl Fn(&mut ConnectionRecord),
     ) -> Result<(ConnectionRecord, ConnectionRecord), VaultError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let Some((bytes, record)) = self.store.get_with_bytes(id)? else {
+            let Some((bytes, record)) = self.store.get_with_bytes(id).await? else {
                 return Err(VaultError::NotFound(id.to_owned()));
             };
             let mut next = record.clone();
@@ -606,7 +627,7 @@ impl Vault {
         min_valid_for: Duration,
     ) -> Result<IssuedAccess, VaultError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let slot = self.slot(id)?;
+            let slot = self.slot(id).await?;
             let token = self
                 .broker
                 .token(&slot, min_valid_for)
@@ -627,13 +648,13 @@ impl Vault {
 
     /// Returns the broker's cache entry of a connection, loading and
     /// decrypting its current credentials on a miss.
-    fn slot(&self, id: &str) -> Result<Arc<Slot>, VaultError> {
+    async fn slot(&self, id: &str) -> Result<Arc<Slot>, VaultError> {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let epoch = match self.broker.slot(id) {
                 Ok(slot) => return Ok(slot),
                 Err(epoch) => epoch,
             };
-            let record = self.get(id)?;
+            let record = self.get(id).await?;
             let credentials = self.open_current(&record)?;
             if let Some(slot) = self.broker.install(epoch, credentials) {
                 return Ok(slot);
@@ -643,21 +664,37 @@ impl Vault {
     }
 
     /// Discards pending versions left by a rotation that crashed before it
-    /// finished. Returns the ids of the connections cleaned up.
-    pub async fn discard_stale_pending(&self) -> Result<Vec<String>, VaultError> {
+    /// finished, if they are at least `min_age` old. Returns the ids of the
+    /// connections cleaned up. With a shared database, `min_age` keeps a
+    /// starting replica from discarding another replica's rotation that is
+    /// still being verified.
+    pub async fn discard_stale_pending(
+        &self,
+        min_age: Duration,
+    ) -> Result<Vec<String>, VaultError> {
+        let is_stale = |version: &CredentialVersion| {
+            version.state == VersionState::Pending
+                && version
+                    .created_at
+                    .elapsed()
+                    .map_or(min_age.is_zero(), |age| age >= min_age)
+        };
+        let mut stale = Vec::new();
+        let mut records = std::pin::pin!(self.store.records());
+        while let Some(record) = records.next().await {
+            let record = match record {
+                Ok(record) => record,
+                Err(StoreError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if record.versions.iter().any(is_stale) {
+                stale.push(record.id);
+            }
+        }
         let mut cleaned = Vec::new();
-        let stale: Vec<String> = self
-            .store
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|r| r.versions.iter().any(|v| v.state == VersionState::Pending))
-            .map(|r| r.id)
-            .collect();
         for id in stale {
-            self.update(&id, |r| {
-                r.versions.retain(|v| v.state != VersionState::Pending)
-            })
-            .await?;
+            self.update(&id, |r| r.versions.retain(|v| !is_stale(v)))
+                .await?;
             cleaned.push(id);
         }
         Ok(cleaned)

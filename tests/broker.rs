@@ -22,7 +22,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures::future::BoxFuture;
 use stvault::broker::{Broker, BrokerSettings, Credentials, Slot, TokenSource};
-use stvault::config::{Config, MasterKeySource};
+use stvault::config::{Config, MasterKeySource, Storage};
 use stvault::crypto::MasterKey;
 use stvault::health::HealthSettings;
 use stvault::model::Environment;
@@ -360,6 +360,7 @@ impl Server {
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.path().to_owned(),
+            storage: Storage::Sled,
             master_key: MasterKeySource::Environment(key_text),
             client: ClientConfig {
                 production: endpoints(production),

@@ -221,7 +221,7 @@ impl CredentialVault for VaultService {
         self.observe(Rpc::GetConnection, request, |_, request| async move {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
             context::record_connection_id(&id);
-            let record = self.vault.get(&id).map_err(to_status)?;
+            let record = self.vault.get(&id).await.map_err(to_status)?;
             record_connection(&record);
             Ok(Response::new(convert::connection(&record)))
         })
@@ -251,6 +251,7 @@ impl CredentialVault for VaultService {
                     environment.is_none_or(|e| r.environment == e)
                         && tenant_id.is_none_or(|t| r.tenant_id == t)
                 })
+                .await
                 .map_err(|e| to_status(e.into()))?;
             let next_page_token = match (more, records.last()) {
                 (true, Some(last)) => validate::encode_page_token(&last.id),
@@ -349,7 +350,7 @@ impl CredentialVault for VaultService {
         self.observe(Rpc::VerifyConnection, request, |_, request| async move {
             let id = validate::connection_id("connection_id", &request.get_ref().connection_id)?;
             context::record_connection_id(&id);
-            if let Ok(record) = self.vault.get(&id) {
+            if let Ok(record) = self.vault.get(&id).await {
                 record_connection(&record);
             }
             let report = self.vault.verify(&id).await.map_err(to_status)?;
@@ -391,7 +392,7 @@ impl CredentialVault for VaultService {
         self.observe(Rpc::GetAccessToken, request, |caller, request| async move {
             let request = request.into_inner();
             let min_valid_for = validate::min_valid_for(request.min_valid_for)?;
-            let id = self.resolve_connection(&caller, &request)?;
+            let id = self.resolve_connection(&caller, &request).await?;
 
             // Wait no longer than the upstream timeout or the caller's own
             // deadline, so a hanging ServiceTitan yields UNAVAILABLE.
@@ -501,7 +502,7 @@ impl CredentialVault for VaultService {
                 };
                 if let Some(id) = &connection_id {
                     context::record_connection_id(id);
-                    let record = self.vault.get(id).map_err(to_status)?;
+                    let record = self.vault.get(id).await.map_err(to_status)?;
                     record_connection(&record);
                 }
                 let filter = watch::StatusFilter {
@@ -516,7 +517,7 @@ impl CredentialVault for VaultService {
                     },
                 };
                 let (sender, receiver) = tokio::sync::mpsc::channel(watch::WATCH_BUFFER);
-                watch::start(&self.vault, filter, request.send_current_state, sender)?;
+                watch::start(&self.vault, filter, request.send_current_state, sender).await?;
                 let stream: StatusStream =
                     Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver));
                 Ok(Response::new(stream))
@@ -544,7 +545,7 @@ impl VaultService {
     /// tenant. It gets the same denial for a connection id that does not
     /// exist as for a connection of another tenant. So a denial does not
     /// reveal whether a tenant or connection exists.
-    fn resolve_connection(
+    async fn resolve_connection(
         &self,
         caller: &Caller,
         request: &pb::GetAccessTokenRequest,
@@ -563,7 +564,7 @@ impl VaultService {
                 return Ok(id);
             }
             let denied = || caller.denied(Rpc::GetAccessToken, &format!(" for connection {id}"));
-            return match self.vault.store().get(&id) {
+            return match self.vault.store().get(&id).await {
                 Ok(Some(record)) => {
                     record_connection(&record);
                     if caller.may_use_tenant(record.tenant_id) {
@@ -585,7 +586,11 @@ impl VaultService {
         let environment = validate::environment("environment", request.environment)?;
         let tenant_id = validate::tenant_id("tenant_id", request.tenant_id)?;
         caller.authorize_tenant(Rpc::GetAccessToken, tenant_id)?;
-        let record = self.vault.find(environment, tenant_id).map_err(to_status)?;
+        let record = self
+            .vault
+            .find(environment, tenant_id)
+            .await
+            .map_err(to_status)?;
         record_connection(&record);
         Ok(record.id)
     }

@@ -38,6 +38,10 @@ pub fn to_status(error: VaultError) -> Status {
         VaultError::Store(StoreError::Conflict(id)) => Status::aborted(format!(
             "connection {id} was changed by another request; retry"
         )),
+        VaultError::Store(StoreError::Unavailable(reason)) => {
+            tracing::error!(error = %reason, "database unavailable");
+            Status::unavailable("the database is unavailable; retry later")
+        }
         VaultError::Store(other) => {
             tracing::error!(error = %other, "storage operation failed");
             Status::internal("storage operation failed; see the server log")

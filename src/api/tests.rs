@@ -77,7 +77,10 @@ async fn failed_audit_write_fails_call() {
         .await
         .expect_err("refused while the trail is failing");
     assert_eq!(error.code(), Code::Unavailable);
-    assert!(service.vault.store().is_empty(), "the refused call acted");
+    assert!(
+        service.vault.store().is_empty().await.unwrap(),
+        "the refused call acted"
+    );
     assert!(audit.is_empty());
 
     // Once writes work again, the first call is refused but audited, and

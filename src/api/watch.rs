@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, watch};
 use tonic::Status;
 
@@ -38,7 +39,7 @@ pub type EventSender = mpsc::Sender<Result<pb::ConnectionStatusEvent, Status>>;
 
 /// Starts forwarding to `sender`. Subscribes before reading the current
 /// states, so no change between the two is lost.
-pub fn start(
+pub async fn start(
     vault: &Vault,
     filter: StatusFilter,
     send_current_state: bool,
@@ -47,7 +48,8 @@ pub fn start(
     let events = vault.subscribe_status();
     let mut current = Vec::new();
     if send_current_state {
-        for record in vault.store().iter() {
+        let mut records = std::pin::pin!(vault.store().records());
+        while let Some(record) = records.next().await {
             let record = record.map_err(|e| super::status::to_status(e.into()))?;
             let Some(health) = record.health else {
                 continue;

@@ -72,7 +72,9 @@ impl TlsFiles {
     }
 }
 
-fn read_certificates(setting: &str, path: &Path) -> Result<Vec<u8>, String> {
+/// Reads a PEM file of certificates, checking that it has at least one.
+/// Errors start with `setting`.
+pub(crate) fn read_certificates(setting: &str, path: &Path) -> Result<Vec<u8>, String> {
     let pem = std::fs::read(path)
         .map_err(|e| format!("{setting}: cannot read {}: {e}", path.display()))?;
     let certificates: Vec<CertificateDer<'_>> = CertificateDer::pem_slice_iter(&pem)

@@ -1,4 +1,5 @@
 pub mod callers;
 pub mod certs;
 pub mod fake_servicetitan;
+pub mod postgres;
 pub mod server;

@@ -41,7 +41,16 @@ impl Server {
         extra: &[(&str, &str)],
     ) -> Server {
         let dir = tempfile::tempdir().expect("create temporary directory");
+        Self::start_in(dir, production, integration, extra).await
+    }
 
+    /// Like `start_with`, in `dir`.
+    async fn start_in(
+        dir: tempfile::TempDir,
+        production: &FakeServiceTitan,
+        integration: &FakeServiceTitan,
+        extra: &[(&str, &str)],
+    ) -> Server {
         let mut env = HashMap::new();
         env.insert("STVAULT_LISTEN".into(), "127.0.0.1:0".into());
         env.insert(
@@ -64,6 +73,53 @@ impl Server {
 
         for (key, value) in extra {
             env.insert((*key).into(), (*value).into());
+        }
+        let mut server = Server {
+            child: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            dir,
+            env,
+            starts: 0,
+        };
+        server.launch().await;
+        server
+    }
+
+    /// Starts stvault with both environments pointed at `fake`, keeping its
+    /// connections in the PostgreSQL database at `database_url`, with a
+    /// master key file of its own and extra environment variables.
+    pub async fn start_postgres(
+        fake: &FakeServiceTitan,
+        database_url: &str,
+        extra: &[(&str, &str)],
+    ) -> Server {
+        let dir = tempfile::tempdir().expect("create temporary directory");
+        let key_file = dir.path().join("master.keys");
+        write_key_file(&key_file, &[&keygen()]);
+        let key_file = key_file.display().to_string();
+        let mut env: Vec<(&str, &str)> = vec![
+            ("STVAULT_STORAGE", "postgres"),
+            ("STVAULT_DATABASE_URL", database_url),
+            ("STVAULT_MASTER_KEY_FILE", &key_file),
+        ];
+        env.extend_from_slice(extra);
+        Self::start_in(dir, fake, fake, &env).await
+    }
+
+    /// Starts another stvault on the same database and with a copy of this
+    /// server's master key file, but with a data directory of its own, as a
+    /// second replica would run.
+    pub async fn start_replica(&self) -> Server {
+        let dir = tempfile::tempdir().expect("create temporary directory");
+        let mut env = self.env.clone();
+        env.insert(
+            "STVAULT_DATA_DIR".into(),
+            dir.path().join("data").display().to_string(),
+        );
+        if let Some(key_file) = self.env.get("STVAULT_MASTER_KEY_FILE") {
+            let copy = dir.path().join("master.keys");
+            std::fs::copy(key_file, &copy).expect("copy the master key file");
+            env.insert("STVAULT_MASTER_KEY_FILE".into(), copy.display().to_string());
         }
         let mut server = Server {
             child: None,

@@ -1,0 +1,812 @@
+//! PostgreSQL storage through the real binary: every connection RPC, a
+//! restart, two replicas sharing one database, TLS, a dump free of secrets,
+//! and readiness while the database is down. The `Store` contract is also
+//! checked directly, on sled and on PostgreSQL. Each test starts its own
+//! PostgreSQL cluster (see `support::postgres`).
+
+mod support;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use stvault::crypto::MasterKey;
+use stvault::model::Environment;
+use stvault::pb;
+use stvault::pb::credential_version::State;
+use stvault::secret::SecretString;
+use stvault::store::postgres::DatabaseUrl;
+use stvault::store::{ConnectionRecord, DatabaseSettings, Store, StoreError};
+use stvault::vault::{NewConnection, new_record};
+use support::certs::Pki;
+use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
+use support::postgres::{self, Postgres};
+use support::server::{self, Server, json};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+const SECRET_1: &str = "cs1.SENTINEL-PG-SECRET-one-7c2e";
+const SECRET_2: &str = "cs2.SENTINEL-PG-SECRET-two-9d41";
+const APP_KEY: &str = "ak1.SENTINEL-PG-APPKEY-3b80";
+const TENANT: i64 = 7300;
+/// How long readiness may take to follow the database.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Returns the client id of the fake's app for `tenant_id`.
+fn client_id(tenant_id: i64) -> String {
+    format!("cid.postgres.{tenant_id}")
+}
+
+/// Starts a fake with an app for `TENANT` and each of the next nine
+/// tenants, each accepting both secrets.
+async fn fake() -> FakeServiceTitan {
+    let fake = FakeServiceTitan::start().await;
+    for tenant_id in TENANT..TENANT + 10 {
+        let mut app = FakeApp::new(client_id(tenant_id), SECRET_1, tenant_id, APP_KEY);
+        app.client_secrets.push(SECRET_2.into());
+        fake.add_app(app);
+    }
+    fake
+}
+
+fn register_request(tenant_id: i64, secret: &str) -> pb::RegisterConnectionRequest {
+    pb::RegisterConnectionRequest {
+        environment: pb::Environment::Integration as i32,
+        tenant_id,
+        client_id: client_id(tenant_id),
+        client_secret: secret.into(),
+        app_key: APP_KEY.into(),
+        display_name: format!("tenant {tenant_id}"),
+        ..Default::default()
+    }
+}
+
+async fn register(server: &Server, tenant_id: i64) -> String {
+    server
+        .client()
+        .await
+        .register_connection(register_request(tenant_id, SECRET_1))
+        .await
+        .expect("register")
+        .into_inner()
+        .connection_id
+}
+
+async fn get(server: &Server, id: &str) -> Result<pb::Connection, tonic::Status> {
+    server
+        .client()
+        .await
+        .get_connection(pb::GetConnectionRequest {
+            connection_id: id.into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Returns the (version, state) pairs of a connection.
+fn states(connection: &pb::Connection) -> Vec<(u32, State)> {
+    let mut states: Vec<(u32, State)> = connection
+        .versions
+        .iter()
+        .map(|v| (v.version, State::try_from(v.state).expect("known state")))
+        .collect();
+    states.sort_by_key(|(version, _)| *version);
+    states
+}
+
+async fn token_by_tenant(server: &Server, tenant_id: i64) -> pb::AccessToken {
+    server
+        .client()
+        .await
+        .get_access_token(pb::GetAccessTokenRequest {
+            environment: pb::Environment::Integration as i32,
+            tenant_id,
+            min_valid_for: Some(prost_types::Duration {
+                seconds: 300,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("token")
+        .into_inner()
+}
+
+async fn health(server: &Server) -> Option<i32> {
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: "stvault.v1.CredentialVault".into(),
+    };
+    let response = client.check(request).await.ok()?;
+    Some(response.into_inner().status)
+}
+
+/// Polls the health service until it reports `expected`.
+async fn wait_for_health(server: &Server, expected: ServingStatus) {
+    let started = Instant::now();
+    loop {
+        if health(server).await == Some(expected as i32) {
+            return;
+        }
+        assert!(
+            started.elapsed() < READINESS_TIMEOUT,
+            "health did not become {expected:?} within {READINESS_TIMEOUT:?}; log:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_rpcs_work_on_postgres() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(&fake, &url, &[]).await;
+    let mut client = server.client().await;
+
+    let id = register(&server, TENANT).await;
+    let again = client
+        .register_connection(register_request(TENANT, SECRET_1))
+        .await
+        .expect("registering the same credentials again succeeds")
+        .into_inner();
+    assert_eq!(again.connection_id, id);
+    let other = client
+        .register_connection(register_request(TENANT, SECRET_2))
+        .await
+        .expect_err("other credentials for a registered tenant");
+    assert_eq!(other.code(), Code::AlreadyExists);
+
+    let connection = get(&server, &id).await.expect("get");
+    assert_eq!(connection.tenant_id, TENANT);
+    assert_eq!(states(&connection), vec![(1, State::Current)]);
+
+    // ListConnections through grpcurl, as an admin would call it.
+    let listed = json(&server.grpcurl(
+        "ListConnections",
+        &format!(r#"{{"environment": "ENVIRONMENT_INTEGRATION", "tenant_id": {TENANT}}}"#),
+    ));
+    assert_eq!(listed["connections"][0]["connectionId"], id.as_str());
+    assert_eq!(listed["connections"].as_array().map(Vec::len), Some(1));
+
+    let token = token_by_tenant(&server, TENANT).await;
+    assert_eq!(token.credential_version, 1);
+    assert_eq!(token.app_key, APP_KEY);
+
+    let rotated = client
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(
+        states(&rotated),
+        vec![(1, State::Previous), (2, State::Current)]
+    );
+    assert_eq!(token_by_tenant(&server, TENANT).await.credential_version, 2);
+    let form = fake.last_token_form().expect("a token request was made");
+    assert!(
+        form.contains(&("client_secret".into(), SECRET_2.into())),
+        "the token after the rotation was not requested with the new secret"
+    );
+
+    let rolled_back = client
+        .rollback_credentials(pb::RollbackCredentialsRequest {
+            connection_id: id.clone(),
+        })
+        .await
+        .expect("rollback")
+        .into_inner();
+    assert_eq!(
+        states(&rolled_back),
+        vec![(1, State::Current), (2, State::Previous)]
+    );
+    assert_eq!(token_by_tenant(&server, TENANT).await.credential_version, 1);
+
+    client
+        .delete_connection(pb::DeleteConnectionRequest {
+            connection_id: id.clone(),
+        })
+        .await
+        .expect("delete");
+    let deleted = get(&server, &id).await.expect_err("deleted connection");
+    assert_eq!(deleted.code(), Code::NotFound);
+    let again = register(&server, TENANT).await;
+    assert_ne!(again, id, "the tenant can be registered again after delete");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_survive_restart() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let mut server = Server::start_postgres(&fake, &url, &[]).await;
+    let id = register(&server, TENANT).await;
+
+    // The second start reads the URL from a file instead.
+    server.kill9();
+    let url_file = server.dir.path().join("database-url");
+    std::fs::write(&url_file, format!("{url}\n")).unwrap();
+    std::fs::set_permissions(&url_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    server.env.remove("STVAULT_DATABASE_URL");
+    server.env.insert(
+        "STVAULT_DATABASE_URL_FILE".into(),
+        url_file.display().to_string(),
+    );
+    server.launch().await;
+    let connection = get(&server, &id).await.expect("get after restart");
+    assert_eq!(connection.tenant_id, TENANT);
+    let token = token_by_tenant(&server, TENANT).await;
+    assert_eq!(token.app_key, APP_KEY);
+
+    assert!(
+        server.logs().contains("connected to PostgreSQL"),
+        "{}",
+        server.logs()
+    );
+    assert!(
+        !server.logs().contains(postgres::PASSWORD),
+        "the database password reached the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_share_one_database() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let first = Server::start_postgres(&fake, &url, &[]).await;
+    let second = first.start_replica().await;
+    assert_ne!(first.data_dir(), second.data_dir());
+
+    // A registration through one replica is visible through the other.
+    let id = register(&first, TENANT).await;
+    let seen = get(&second, &id).await.expect("the other replica sees it");
+    assert_eq!(seen.tenant_id, TENANT);
+    let token = token_by_tenant(&second, TENANT).await;
+    assert_eq!(token.app_key, APP_KEY);
+    let listed = second
+        .client()
+        .await
+        .list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.connections.len(), 1);
+
+    // The same tenant registered through both at once, with different
+    // credentials: the database keeps one, and the other call fails.
+    for tenant_id in TENANT + 1..TENANT + 6 {
+        let mut through_first = first.client().await;
+        let mut through_second = second.client().await;
+        let (a, b) = tokio::join!(
+            through_first.register_connection(register_request(tenant_id, SECRET_1)),
+            through_second.register_connection(register_request(tenant_id, SECRET_2)),
+        );
+        let codes = [
+            a.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
+            b.as_ref().map_or_else(|s| s.code(), |_| Code::Ok),
+        ];
+        let mut sorted = codes;
+        sorted.sort_by_key(|code| *code as i32);
+        assert_eq!(
+            sorted,
+            [Code::Ok, Code::AlreadyExists],
+            "tenant {tenant_id}: expected one success and one ALREADY_EXISTS, got {codes:?}"
+        );
+    }
+    let listed = first
+        .client()
+        .await
+        .list_connections(pb::ListConnectionsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.connections.len(), 6);
+
+    // A rotation through one replica is what the other reads next.
+    second
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate through the second replica");
+    let connection = get(&first, &id).await.expect("get");
+    assert_eq!(
+        states(&connection),
+        vec![(1, State::Previous), (2, State::Current)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn database_dump_holds_no_secrets() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(&fake, &url, &[]).await;
+    let id = register(&server, TENANT).await;
+    server
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate");
+    token_by_tenant(&server, TENANT).await;
+
+    let dump = cluster.dump("vault");
+    let contains = |needle: &str| dump.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(contains(&id), "the dump lacks the connection record");
+    for sentinel in [SECRET_1, SECRET_2, APP_KEY] {
+        assert!(!contains(sentinel), "the dump contains {sentinel}");
+    }
+    for sentinel in [SECRET_1, SECRET_2, APP_KEY, postgres::PASSWORD] {
+        assert!(
+            !server.logs().contains(sentinel),
+            "the log contains {sentinel}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_follows_database() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(&fake, &url, &[]).await;
+    let id = register(&server, TENANT).await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+
+    cluster.stop();
+    wait_for_health(&server, ServingStatus::NotServing).await;
+    let unavailable = get(&server, &id).await.expect_err("database is down");
+    assert_eq!(unavailable.code(), Code::Unavailable, "{unavailable:?}");
+
+    cluster.restart();
+    wait_for_health(&server, ServingStatus::Serving).await;
+    let connection = get(&server, &id).await.expect("get after recovery");
+    assert_eq!(connection.tenant_id, TENANT);
+    register(&server, TENANT + 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_connection_verifies_server() {
+    let work = tempfile::tempdir().unwrap();
+    let pki = Pki::new(work.path(), "postgres");
+    let cluster = Postgres::start_with_tls(&pki.server());
+    let plain_url = cluster.create_database("vault").await;
+    let url = format!("{plain_url}?sslmode=verify-full");
+    let fake = fake().await;
+    let ca = pki.ca_path.display().to_string();
+    let server = Server::start_postgres(&fake, &url, &[("STVAULT_DATABASE_CA", &ca)]).await;
+    let id = register(&server, TENANT).await;
+    assert!(get(&server, &id).await.is_ok());
+
+    // The server's sessions use TLS.
+    let (client, connection) = tokio_postgres::connect(&plain_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test cluster");
+    tokio::spawn(connection);
+    let rows = client
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'stvault'",
+            &[],
+        )
+        .await
+        .expect("read pg_stat_ssl");
+    assert!(!rows.is_empty(), "stvault holds no database session");
+    assert!(
+        rows.iter().all(|row| row.get::<_, bool>(0)),
+        "a stvault session is not encrypted"
+    );
+
+    // A CA that did not sign the server's certificate is rejected.
+    let other = Pki::new(work.path(), "other");
+    let mut env = server.env.clone();
+    env.insert(
+        "STVAULT_DATABASE_CA".into(),
+        other.ca_path.display().to_string(),
+    );
+    env.insert(
+        "STVAULT_DATA_DIR".into(),
+        work.path().join("other-data").display().to_string(),
+    );
+    let (code, output) = server::run_expecting_exit(&env);
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL"), "{output}");
+    assert!(!output.contains(postgres::PASSWORD), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_database_fails_startup_clearly() {
+    let cluster = Postgres::start();
+    cluster.create_database("vault").await;
+    let fake = fake().await;
+    let data = tempfile::tempdir().unwrap();
+    let base_env = |url: String| {
+        HashMap::from([
+            ("STVAULT_STORAGE".to_string(), "postgres".to_string()),
+            ("STVAULT_DATABASE_URL".to_string(), url),
+            ("STVAULT_LISTEN".to_string(), "127.0.0.1:0".to_string()),
+            (
+                "STVAULT_DATA_DIR".to_string(),
+                data.path().display().to_string(),
+            ),
+            ("STVAULT_PRODUCTION_TOKEN_URL".to_string(), fake.token_url()),
+            ("STVAULT_PRODUCTION_API_URL".to_string(), fake.api_url()),
+            (
+                "STVAULT_INTEGRATION_TOKEN_URL".to_string(),
+                fake.token_url(),
+            ),
+            ("STVAULT_INTEGRATION_API_URL".to_string(), fake.api_url()),
+        ])
+    };
+
+    let wrong_password = "SENTINEL-wrong-db-password-0a9c";
+    let url = format!(
+        "postgres://{}:{wrong_password}@127.0.0.1:{}/vault",
+        postgres::USER,
+        cluster.port
+    );
+    let (code, output) = server::run_expecting_exit(&base_env(url));
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL"), "{output}");
+    assert!(
+        output.contains(&format!("127.0.0.1:{}/vault", cluster.port)),
+        "{output}"
+    );
+    assert!(
+        output.contains("password authentication failed"),
+        "{output}"
+    );
+    assert!(!output.contains(wrong_password), "{output}");
+
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let url = format!(
+        "postgres://{}:{}@127.0.0.1:{closed}/vault",
+        postgres::USER,
+        postgres::PASSWORD
+    );
+    let (code, output) = server::run_expecting_exit(&base_env(url));
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL"), "{output}");
+    assert!(output.contains(&format!("127.0.0.1:{closed}")), "{output}");
+    assert!(!output.contains(postgres::PASSWORD), "{output}");
+
+    let mut env = base_env("mysql://root@127.0.0.1/vault".into());
+    let (code, output) = server::run_expecting_exit(&env);
+    assert_eq!(code, 78, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL"), "{output}");
+    env.remove("STVAULT_DATABASE_URL");
+    let (code, output) = server::run_expecting_exit(&env);
+    assert_eq!(code, 78, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL_FILE"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_refuses_postgres() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(&fake, &url, &[]).await;
+    register(&server, TENANT).await;
+
+    let out = server.dir.path().join("stvault.backup");
+    let output = server.run(&[
+        "backup",
+        "--server",
+        &server.url(),
+        "--out",
+        &out.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "backup succeeded");
+    assert!(stderr.contains("pg_dump"), "{stderr}");
+    assert!(!out.exists(), "a backup file was written");
+
+    // The same call straight to the server, as a client of the Admin API.
+    let mut admin = stvault::pb::admin_client::AdminClient::connect(server.url())
+        .await
+        .unwrap();
+    let refused = admin
+        .create_backup(pb::CreateBackupRequest::default())
+        .await
+        .expect_err("backup of a PostgreSQL store");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().contains("pg_dump"), "{refused:?}");
+
+    let listed = server.grpcurl("ListConnections", "{}");
+    assert_eq!(
+        json(&listed)["connections"].as_array().map(Vec::len),
+        Some(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rewrap_runs_beside_serving_replica() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let mut server = Server::start_postgres(&fake, &url, &[]).await;
+    let first = register(&server, TENANT).await;
+    let second = register(&server, TENANT + 1).await;
+    let old_key = std::fs::read_to_string(&server.env["STVAULT_MASTER_KEY_FILE"]).unwrap();
+    let old_key = old_key.trim().to_owned();
+    let new_key = server::keygen();
+    let new_key_id = new_key.split_whitespace().next().unwrap().to_owned();
+
+    // The new key goes last in the keyring, and the server restarts with it.
+    let key_file = PathBuf::from(&server.env["STVAULT_MASTER_KEY_FILE"]);
+    server::write_key_file(&key_file, &[&old_key, &new_key]);
+    server.restart_after_kill9().await;
+
+    // Rewrap with a data directory of its own while the server keeps
+    // serving from the same database.
+    let rewrap_dir = tempfile::tempdir().unwrap();
+    let mut env = server.env.clone();
+    env.insert(
+        "STVAULT_DATA_DIR".into(),
+        rewrap_dir.path().display().to_string(),
+    );
+    let (code, output) = server::run_command(&["rewrap"], &env);
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!(
+            "rewrapped 2 connections under master key {new_key_id}"
+        )),
+        "{output}"
+    );
+
+    // With only the new key left, the server starts and opens both.
+    server::write_key_file(&key_file, &[&new_key]);
+    server.restart_after_kill9().await;
+    for id in [&first, &second] {
+        let connection = get(&server, id).await.expect("get");
+        assert_eq!(connection.versions.len(), 1);
+    }
+    let token = token_by_tenant(&server, TENANT + 1).await;
+    assert_eq!(token.app_key, APP_KEY);
+}
+
+/// Returns a sealed record for `tenant_id` with a connection id that sorts
+/// by `index`.
+fn record(master_key: &MasterKey, index: usize, tenant_id: i64) -> ConnectionRecord {
+    let new = NewConnection {
+        environment: Environment::Integration,
+        tenant_id,
+        client_id: client_id(tenant_id),
+        client_secret: SecretString::new(SECRET_1.into()),
+        app_key: SecretString::new(APP_KEY.into()),
+        display_name: format!("tenant {tenant_id}"),
+        labels: Default::default(),
+        enterprise_hub: false,
+        required_scope_groups: Vec::new(),
+        skip_verification: true,
+    };
+    new_record(master_key, format!("conn-{index:05}"), &new, "test")
+}
+
+/// Runs the same checks of the `Store` contract on one backend: paging
+/// across several scan pages, one connection per tenant, compare-and-swap
+/// on the stored bytes, and delete.
+async fn check_store_contract(store: &Store) {
+    const COUNT: usize = 1200;
+    let (master_key, _) = MasterKey::generate();
+    let records: Vec<ConnectionRecord> = (0..COUNT)
+        .map(|i| record(&master_key, i, 100_000 + i as i64))
+        .collect();
+    store.insert_batch(&records).await.expect("insert a batch");
+    assert_eq!(store.len().await.unwrap(), COUNT);
+
+    let (first, more) = store.list(None, 1000, |_| true).await.unwrap();
+    assert_eq!(first.len(), 1000);
+    assert!(more, "a full page says more may follow");
+    let last = first.last().map(|r| r.id.clone());
+    let (rest, more) = store.list(last.as_deref(), 1000, |_| true).await.unwrap();
+    assert_eq!(rest.len(), COUNT - 1000);
+    assert!(!more, "the last page says nothing follows");
+    let listed: Vec<String> = first.iter().chain(&rest).map(|r| r.id.clone()).collect();
+    let expected: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(listed, expected, "pages list every id once, in order");
+
+    let (one, _) = store
+        .list(None, 10, |r| r.tenant_id == 100_777)
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].id, "conn-00777");
+
+    let streamed: Vec<String> = store
+        .records()
+        .map(|r| r.expect("readable record").id)
+        .collect()
+        .await;
+    assert_eq!(
+        streamed, expected,
+        "the stream yields every id once, in order"
+    );
+
+    let taken = store
+        .insert(&record(&master_key, COUNT, 100_005))
+        .await
+        .expect_err("a second connection for a tenant");
+    match taken {
+        StoreError::TenantTaken { existing_id, .. } => assert_eq!(existing_id, "conn-00005"),
+        other => panic!("expected TenantTaken, got {other}"),
+    }
+
+    let (bytes, stored) = store
+        .get_with_bytes("conn-00001")
+        .await
+        .unwrap()
+        .expect("stored");
+    let mut renamed = stored.clone();
+    renamed.display_name = "renamed".into();
+    store.replace(&bytes, &renamed).await.expect("replace");
+    let mut again = stored.clone();
+    again.display_name = "lost update".into();
+    let conflict = store
+        .replace(&bytes, &again)
+        .await
+        .expect_err("replace with stale bytes");
+    assert!(matches!(conflict, StoreError::Conflict(_)), "{conflict}");
+    let current = store.get("conn-00001").await.unwrap().expect("stored");
+    assert_eq!(current.display_name, "renamed");
+
+    let deleted = store.delete("conn-00002").await.expect("delete");
+    assert_eq!(deleted.map(|r| r.tenant_id), Some(100_002));
+    let missing = store.delete("conn-00002").await.expect_err("delete twice");
+    assert!(matches!(missing, StoreError::NotFound(_)), "{missing}");
+    let found = store
+        .find_by_tenant(Environment::Integration, 100_002)
+        .await
+        .unwrap();
+    assert!(found.is_none(), "the tenant index entry is gone");
+    store
+        .insert(&record(&master_key, COUNT + 1, 100_002))
+        .await
+        .expect("the tenant is free again");
+    let found = store
+        .find_by_tenant(Environment::Integration, 100_002)
+        .await
+        .unwrap()
+        .expect("found by tenant");
+    assert_eq!(found.id, format!("conn-{:05}", COUNT + 1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_contract_holds_on_both_backends() {
+    let sled_dir = tempfile::tempdir().unwrap();
+    let sled = Store::open(sled_dir.path()).expect("open sled");
+    check_store_contract(&sled).await;
+
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let url = DatabaseUrl {
+        text: SecretString::new(url),
+        setting: "STVAULT_DATABASE_URL",
+    };
+    let settings = DatabaseSettings::parse(&url, None).unwrap();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    // Two servers starting together both migrate the empty database.
+    let (first, second) = tokio::join!(
+        Store::connect_postgres(dirs[0].path(), &settings),
+        Store::connect_postgres(dirs[1].path(), &settings),
+    );
+    let postgres = first.expect("connect and migrate");
+    second.expect("connect while another server migrates");
+    check_store_contract(&postgres).await;
+
+    // A batch is one transaction: a taken tenant inserts none of it.
+    let (master_key, _) = MasterKey::generate();
+    let batch = [
+        record(&master_key, 90_000, 190_000),
+        record(&master_key, 90_001, 100_010),
+    ];
+    let failed = postgres
+        .insert_batch(&batch)
+        .await
+        .expect_err("taken tenant");
+    assert!(matches!(failed, StoreError::TenantTaken { .. }), "{failed}");
+    assert!(
+        postgres.get("conn-90000").await.unwrap().is_none(),
+        "part of a failed batch was stored"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_rotations_keep_one_current_version() {
+    const SECRET_3: &str = "cs3.SENTINEL-PG-SECRET-three-51d0";
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    fake.update_app(&client_id(TENANT), |app| {
+        app.client_secrets.push(SECRET_3.into())
+    });
+    // A long upstream timeout, so the slow token request below succeeds.
+    let first = Server::start_postgres(&fake, &url, &[("STVAULT_UPSTREAM_TIMEOUT", "30s")]).await;
+    let second = first.start_replica().await;
+    let id = register(&first, TENANT).await;
+
+    // The first replica stages version 2 and waits on a slow token request
+    // while the second replica rotates the same connection.
+    fake.set_token_delay(Duration::from_secs(5));
+    let mut through_first = first.client().await;
+    let slow_id = id.clone();
+    let slow = tokio::spawn(async move {
+        through_first
+            .rotate_credentials(pb::RotateCredentialsRequest {
+                connection_id: slow_id,
+                client_secret: SECRET_2.into(),
+                ..Default::default()
+            })
+            .await
+    });
+    let started = Instant::now();
+    loop {
+        let connection = get(&second, &id).await.expect("get");
+        if states(&connection).contains(&(2, State::Pending)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the first rotation never stored its pending version"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fake.set_token_delay(Duration::ZERO);
+    let rotated = second
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_3.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotation through the second replica")
+        .into_inner();
+    // Its stage replaced the pending version 2 with its own version 3.
+    assert_eq!(
+        states(&rotated),
+        vec![(1, State::Previous), (3, State::Current)]
+    );
+
+    let outcome = slow.await.unwrap();
+    let status = outcome.expect_err("the first rotation lost its pending version");
+    assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    let connection = get(&first, &id).await.expect("get");
+    assert_eq!(
+        states(&connection),
+        vec![(1, State::Previous), (3, State::Current)]
+    );
+    token_by_tenant(&second, TENANT).await;
+    let form = fake.last_token_form().expect("a token request was made");
+    assert!(
+        form.contains(&("client_secret".into(), SECRET_3.into())),
+        "the current version does not hold the second replica's secret"
+    );
+}

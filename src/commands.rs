@@ -34,8 +34,15 @@ pub struct RewrapArgs {
     #[arg(long)]
     pub limit: Option<usize>,
 
-    /// Storage of the records to rewrap: "sled" or "postgres", as for
-    /// `stvault serve`.
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// The storage settings of an offline command, as `stvault serve` takes
+/// them.
+#[derive(Args, Debug)]
+pub struct StorageArgs {
+    /// Storage to work on: "sled" or "postgres", as for `stvault serve`.
     #[arg(long, env = "STVAULT_STORAGE", default_value = config::DEFAULT_STORAGE)]
     pub storage: String,
 
@@ -47,6 +54,17 @@ pub struct RewrapArgs {
     /// PEM CA certificates for the PostgreSQL server, as for `stvault serve`.
     #[arg(long, env = "STVAULT_DATABASE_CA")]
     pub database_ca: Option<PathBuf>,
+}
+
+impl StorageArgs {
+    /// Validates the settings, reading the database URL for PostgreSQL.
+    pub fn storage(&self) -> Result<Storage, String> {
+        config::storage(
+            &self.storage,
+            self.database_url_file.as_ref(),
+            self.database_ca.as_deref(),
+        )
+    }
 }
 
 #[derive(Args, Debug)]
@@ -87,11 +105,7 @@ pub fn keygen() {
 }
 
 pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
-    let storage = config::storage(
-        &args.storage,
-        args.database_url_file.as_ref(),
-        args.database_ca.as_deref(),
-    )?;
+    let storage = args.storage.storage()?;
     let source = config::master_key_source(args.master_key_file, &args.data_dir)?;
     let (_lock, store) = match storage {
         Storage::Sled => open_existing(&args.data_dir)?,
@@ -203,8 +217,8 @@ fn open_existing(dir: &Path) -> Result<(datadir::DataDirLock, Store), String> {
 }
 
 /// Locks a data directory and connects to the PostgreSQL database for an
-/// offline command. The directory only provides the local sled database,
-/// which the command leaves unused, so it may be new.
+/// offline command. The command keeps nothing in the directory, so it may
+/// be new, but as with sled it must be one that no running server holds.
 async fn open_postgres(
     dir: &Path,
     settings: &DatabaseSettings,
@@ -216,7 +230,7 @@ async fn open_postgres(
         }
         other => other.to_string(),
     })?;
-    let store = Store::connect_postgres(dir, settings)
+    let store = Store::connect_postgres(settings)
         .await
         .map_err(|e| format!("cannot open the PostgreSQL database: {e}"))?;
     Ok((lock, store))

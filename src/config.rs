@@ -27,9 +27,9 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
 
-    /// Directory of the embedded database (created if missing, mode 0700).
-    /// With PostgreSQL storage it still holds the lock, the generated master
-    /// key and the audit trail.
+    /// Directory of the embedded database and the audit trail (created if
+    /// missing, mode 0700). With PostgreSQL storage it holds only the lock
+    /// and the generated master key.
     #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
     pub data_dir: PathBuf,
 
@@ -136,7 +136,9 @@ pub struct ServeArgs {
     /// When audit events reach the disk: "always" syncs each event before
     /// its call returns (calls in flight share a sync); a duration such as
     /// "10ms" writes each event before its call returns and syncs within
-    /// that time, so a power loss can lose that much of the trail.
+    /// that time, so a power loss can lose that much of the trail. With
+    /// PostgreSQL storage each event is committed before its call returns,
+    /// and this setting does not apply.
     #[arg(long, env = "STVAULT_AUDIT_SYNC", default_value = "always")]
     pub audit_sync: String,
 

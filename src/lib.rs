@@ -134,19 +134,7 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
         None => None,
     };
 
-    let moved = audit::import_legacy(store.db(), &config.data_dir).map_err(|e| {
-        StartupError(format!(
-            "cannot move the audit trail out of the database: {e}"
-        ))
-    })?;
-    if moved > 0 {
-        tracing::info!(
-            events = moved,
-            "moved the audit trail from the database to its own file"
-        );
-    }
-    let audit = audit::AuditLog::open(&config.data_dir, config.audit_sync)
-        .map_err(|e| StartupError(format!("cannot open the audit trail: {e}")))?;
+    let audit = open_audit(config, &store)?;
     let auth = authenticator(config);
 
     let client =
@@ -188,16 +176,14 @@ async fn open_store(config: &Config) -> Result<Store, StartupError> {
             ))
         }),
         Storage::Postgres(settings) => {
-            let store = Store::connect_postgres(&config.data_dir, settings)
-                .await
-                .map_err(|e| {
-                    StartupError(format!(
-                        "cannot open the PostgreSQL database named by {}: {e}; check that the \
-                         database is running and that the URL's host, port, user, password \
-                         and database name are right",
-                        settings.setting()
-                    ))
-                })?;
+            let store = Store::connect_postgres(settings).await.map_err(|e| {
+                StartupError(format!(
+                    "cannot open the PostgreSQL database named by {}: {e}; check that the \
+                     database is running and that the URL's host, port, user, password and \
+                     database name are right",
+                    settings.setting()
+                ))
+            })?;
             tracing::info!(
                 database = settings.target(),
                 tls = settings.uses_tls(),
@@ -206,6 +192,60 @@ async fn open_store(config: &Config) -> Result<Store, StartupError> {
             Ok(store)
         }
     }
+}
+
+/// Opens the audit trail: the trail file of the data directory with sled,
+/// or the database's trail with PostgreSQL.
+fn open_audit(config: &Config, store: &Store) -> Result<audit::AuditLog, StartupError> {
+    let Some(postgres) = store.postgres() else {
+        let db = store
+            .db()
+            .expect("a store without PostgreSQL is a sled store");
+        move_legacy_trail(db, &config.data_dir)?;
+        return audit::AuditLog::open(&config.data_dir, config.audit_sync)
+            .map_err(|e| StartupError(format!("cannot open the audit trail: {e}")));
+    };
+    // Earlier versions kept a trail per server in the data directory, first
+    // in its sled database. Move one still there into the trail file, so
+    // `stvault audit verify --data-dir` can check it; new events go to the
+    // database.
+    let dir = &config.data_dir;
+    if dir.join(store::DB_DIR_NAME).is_dir() {
+        let local = Store::open(dir).map_err(|e| {
+            StartupError(format!(
+                "cannot open the database in {} to move its audit trail: {e}",
+                dir.display()
+            ))
+        })?;
+        let db = local.db().expect("Store::open opens a sled store");
+        move_legacy_trail(db, dir)?;
+    }
+    if dir.join(audit::EVENTS_FILE).is_file() {
+        tracing::info!(
+            file = %dir.join(audit::EVENTS_FILE).display(),
+            "the data directory keeps the audit trail of an earlier version; new events go to \
+             the database, and `stvault audit verify --storage sled --data-dir` checks the old \
+             trail"
+        );
+    }
+    Ok(audit::AuditLog::open_postgres(postgres))
+}
+
+/// Moves an audit trail kept in the sled database `db` by earlier versions
+/// into the trail file of `dir`.
+fn move_legacy_trail(db: &sled::Db, dir: &std::path::Path) -> Result<(), StartupError> {
+    let moved = audit::import_legacy(db, dir).map_err(|e| {
+        StartupError(format!(
+            "cannot move the audit trail out of the database: {e}"
+        ))
+    })?;
+    if moved > 0 {
+        tracing::info!(
+            events = moved,
+            "moved the audit trail from the database to its own file"
+        );
+    }
+    Ok(())
 }
 
 /// Builds the authenticator for the configured policy, warning about

@@ -9,8 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-use stvault::commands::{self, BackupArgs, RestoreArgs, RewrapArgs};
-use stvault::config::{Config, ServeArgs};
+use stvault::commands::{self, BackupArgs, RestoreArgs, RewrapArgs, StorageArgs};
+use stvault::config::{Config, ServeArgs, Storage};
 
 /// Exit code for invalid configuration (EX_CONFIG from sysexits.h).
 const EXIT_CONFIG: u8 = 78;
@@ -87,13 +87,20 @@ struct KeygenArgs {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check that no audit event was edited or deleted. Run it on a stopped
-    /// server's data directory or on a copy of it.
-    Verify {
-        /// Data directory of the server.
-        #[arg(long, env = "STVAULT_DATA_DIR")]
-        data_dir: PathBuf,
-    },
+    /// Check that no audit event was edited or deleted: in a data directory
+    /// (or a copy of it) with sled storage, or in the database with
+    /// PostgreSQL. Servers may keep running meanwhile.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Data directory of the server, with sled storage.
+    #[arg(long, env = "STVAULT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+
+    #[command(flatten)]
+    storage: StorageArgs,
 }
 
 fn main() -> ExitCode {
@@ -104,7 +111,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => return runtime.block_on(serve(*args)),
         Command::Keygen(args) => return keygen(args),
-        Command::Audit(AuditCommand::Verify { data_dir }) => return audit_verify(&data_dir),
+        Command::Audit(AuditCommand::Verify(args)) => return runtime.block_on(audit_verify(args)),
         Command::MasterKey(MasterKeyCommand::Generate) => {
             commands::keygen();
             Ok(())
@@ -161,9 +168,27 @@ fn keygen(args: KeygenArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn audit_verify(data_dir: &std::path::Path) -> ExitCode {
+async fn audit_verify(args: VerifyArgs) -> ExitCode {
     use stvault::audit::VerifyError;
-    match stvault::audit::verify_data_dir(data_dir) {
+    let storage = match args.storage.storage() {
+        Ok(storage) => storage,
+        Err(message) => {
+            eprintln!("stvault: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let verified = match (storage, args.data_dir) {
+        (Storage::Postgres(settings), _) => stvault::audit::verify_database(&settings).await,
+        (Storage::Sled, Some(dir)) => stvault::audit::verify_data_dir(&dir),
+        (Storage::Sled, None) => {
+            eprintln!(
+                "stvault: pass the data directory of the server with --data-dir (or \
+                 STVAULT_DATA_DIR), or --storage postgres for a trail in PostgreSQL"
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match verified {
         Ok(verified) => {
             println!(
                 "audit chain intact: {} events, last hash {}",
@@ -240,6 +265,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let audit_events = match opened.audit.len().await {
+        Ok(count) => count,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the audit chain head");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(
         production.token_url = %config.client.production.token_url,
         production.api_url = %config.client.production.api_url,
@@ -252,7 +284,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         data_dir = %config.data_dir.display(),
         storage = opened.vault.store().backend_name(),
         connections = connections,
-        audit_events = opened.audit.len(),
+        audit_events = audit_events,
         tls = match &opened.tls {
             None => "off",
             Some(tls) if tls.requires_client_certificates() => "mutual",

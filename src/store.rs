@@ -27,7 +27,7 @@ pub use maintenance::Snapshot;
 pub use postgres::DatabaseSettings;
 pub use sled_store::DB_DIR_NAME;
 
-use postgres::PostgresStore;
+pub use postgres::PostgresStore;
 use sled_store::SledStore;
 
 /// Records read per query when scanning every record.
@@ -133,10 +133,6 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
-    /// The sled database in the data directory. With the sled backend it
-    /// also contains the records. With PostgreSQL it contains only local
-    /// data such as the audit trail.
-    local: sled::Db,
 }
 
 #[derive(Clone)]
@@ -148,23 +144,15 @@ enum Backend {
 impl Store {
     /// Opens the sled store in the data directory `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let sled = SledStore::open(dir)?;
         Ok(Self {
-            local: sled.db().clone(),
-            backend: Backend::Sled(sled),
+            backend: Backend::Sled(SledStore::open(dir)?),
         })
     }
 
-    /// Connects to PostgreSQL and brings its schema up to date, and opens
-    /// the local sled database in `dir` for the data that stays local.
-    pub async fn connect_postgres(
-        dir: &Path,
-        settings: &DatabaseSettings,
-    ) -> Result<Self, StoreError> {
-        let postgres = PostgresStore::connect(settings).await?;
+    /// Connects to PostgreSQL and brings its schema up to date.
+    pub async fn connect_postgres(settings: &DatabaseSettings) -> Result<Self, StoreError> {
         Ok(Self {
-            local: sled_store::open_db(dir)?,
-            backend: Backend::Postgres(postgres),
+            backend: Backend::Postgres(PostgresStore::connect(settings).await?),
         })
     }
 
@@ -390,18 +378,28 @@ impl Store {
         }
     }
 
-    /// Returns the sled database in the data directory, for data that stays
-    /// local to this server whatever the backend, such as the audit trail.
-    pub fn db(&self) -> &sled::Db {
-        &self.local
+    /// Returns the sled database of the sled backend.
+    pub fn db(&self) -> Option<&sled::Db> {
+        match &self.backend {
+            Backend::Sled(sled) => Some(sled.db()),
+            Backend::Postgres(_) => None,
+        }
     }
 
-    /// Flushes the local sled database to disk. PostgreSQL writes are
-    /// durable when they return, so there is nothing more to flush.
+    /// Returns the PostgreSQL backend, which the audit trail shares.
+    pub fn postgres(&self) -> Option<&PostgresStore> {
+        match &self.backend {
+            Backend::Sled(_) => None,
+            Backend::Postgres(postgres) => Some(postgres),
+        }
+    }
+
+    /// Flushes the sled database to disk. PostgreSQL writes are durable
+    /// when they return, so there is nothing more to flush.
     pub async fn flush(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sled(sled) => sled.flush().await,
-            Backend::Postgres(_) => sled_store::flush_db(&self.local).await,
+            Backend::Postgres(_) => Ok(()),
         }
     }
 }

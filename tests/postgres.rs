@@ -1,8 +1,9 @@
 //! PostgreSQL storage through the real binary: every connection RPC, a
-//! restart, two replicas sharing one database, TLS, a dump free of secrets,
-//! and readiness while the database is down. The `Store` contract is also
-//! checked directly, on sled and on PostgreSQL. Each test starts its own
-//! PostgreSQL cluster (see `support::postgres`).
+//! restart, two replicas sharing one database and one audit chain, TLS, a
+//! dump free of secrets, and readiness while the database is down. Calls
+//! fail while their audit events cannot be written. The `Store`
+//! contract is also checked directly, on sled and on PostgreSQL. Each test
+//! starts its own PostgreSQL cluster (see `support::postgres`).
 
 mod support;
 
@@ -710,11 +711,10 @@ async fn store_contract_holds_on_both_backends() {
         setting: "STVAULT_DATABASE_URL",
     };
     let settings = DatabaseSettings::parse(&url, None).unwrap();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     // Two servers starting together both migrate the empty database.
     let (first, second) = tokio::join!(
-        Store::connect_postgres(dirs[0].path(), &settings),
-        Store::connect_postgres(dirs[1].path(), &settings),
+        Store::connect_postgres(&settings),
+        Store::connect_postgres(&settings),
     );
     let postgres = first.expect("connect and migrate");
     second.expect("connect while another server migrates");
@@ -808,5 +808,360 @@ async fn concurrent_rotations_keep_one_current_version() {
     assert!(
         form.contains(&("client_secret".into(), SECRET_3.into())),
         "the current version does not hold the second replica's secret"
+    );
+}
+
+async fn token_by_id(
+    server: &Server,
+    id: &str,
+) -> Result<tonic::Response<pb::AccessToken>, tonic::Status> {
+    server
+        .client()
+        .await
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: id.into(),
+            ..Default::default()
+        })
+        .await
+}
+
+/// Returns the request id that stvault sent back in `metadata`.
+fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get("x-request-id")
+        .expect("every response carries x-request-id")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs `stvault audit verify --storage postgres` on the database at `url`
+/// and returns its exit code and output.
+fn verify_audit(url: &str) -> (i32, String) {
+    let env = HashMap::from([("STVAULT_DATABASE_URL".to_string(), url.to_string())]);
+    server::run_command(&["audit", "verify", "--storage", "postgres"], &env)
+}
+
+/// Runs `stvault audit verify` on the database at `url`, asserts that it
+/// reports the chain broken at event `sequence`, and returns its output.
+fn assert_chain_breaks_at(url: &str, sequence: u64) -> String {
+    let (code, output) = verify_audit(url);
+    assert_eq!(code, 65, "{output}");
+    assert!(
+        output.contains(&format!("audit chain broken at event {sequence}:")),
+        "{output}"
+    );
+    output
+}
+
+/// Lists every audit event through `server`, oldest first, in pages of
+/// `page_size`. Each listing call appends its own event after it returns,
+/// so later pages include the events of earlier ones.
+async fn list_audit(server: &Server, page_size: i32) -> Vec<pb::AuditEvent> {
+    let mut client = server.client().await;
+    let mut events = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size,
+                page_token,
+                ..Default::default()
+            })
+            .await
+            .expect("list audit events")
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            return events;
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Connects to the database at `url` as the test's own client.
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test cluster");
+    tokio::spawn(connection);
+    client
+}
+
+/// Checks that `events` are numbered 1 to N without gaps and that each
+/// contains the hash of the one before it.
+fn assert_one_chain(events: &[pb::AuditEvent]) {
+    for (index, event) in events.iter().enumerate() {
+        assert_eq!(event.sequence, index as u64 + 1, "events out of order");
+        if index > 0 {
+            assert_eq!(
+                event.previous_hash,
+                events[index - 1].hash,
+                "event {} does not chain onto the one before it",
+                event.sequence
+            );
+        }
+    }
+}
+
+/// Makes `calls` calls, alternating between the two replicas and between
+/// GetAccessToken and GetConnection, and returns their request ids.
+async fn call_replicas(
+    replicas: &[Server; 2],
+    id: &str,
+    first: usize,
+    calls: usize,
+) -> Vec<String> {
+    let mut clients = [replicas[0].client().await, replicas[1].client().await];
+    let mut request_ids = Vec::new();
+    for call in first..first + calls {
+        let client = &mut clients[call % 2];
+        let metadata = if call % 4 < 2 {
+            let request = pb::GetAccessTokenRequest {
+                connection_id: id.into(),
+                ..Default::default()
+            };
+            client
+                .get_access_token(request)
+                .await
+                .map(|r| r.metadata().clone())
+        } else {
+            let request = pb::GetConnectionRequest {
+                connection_id: id.into(),
+            };
+            client
+                .get_connection(request)
+                .await
+                .map(|r| r.metadata().clone())
+        };
+        let metadata = metadata.unwrap_or_else(|status| panic!("call {call} failed: {status:?}"));
+        request_ids.push(request_id(&metadata));
+    }
+    request_ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_append_to_one_audit_chain() {
+    const TASKS: usize = 20;
+    const CALLS_PER_TASK: usize = 10;
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let first = Server::start_postgres(&fake, &url, &[]).await;
+    let second = first.start_replica().await;
+    let id = register(&first, TENANT).await;
+    second
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate");
+
+    // Many tasks call both replicas at once.
+    let replicas = std::sync::Arc::new([first, second]);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let replicas = replicas.clone();
+            let id = id.clone();
+            tokio::spawn(async move { call_replicas(&replicas, &id, task, CALLS_PER_TASK).await })
+        })
+        .collect();
+    let mut request_ids = Vec::new();
+    for task in tasks {
+        request_ids.extend(task.await.expect("call task"));
+    }
+    eprintln!(
+        "{} calls over two replicas took {:?}",
+        TASKS * CALLS_PER_TASK,
+        started.elapsed()
+    );
+    let [first, second] = &*replicas;
+
+    // The registration, the rotation and one event per call, in one chain.
+    let expected = 2 + TASKS * CALLS_PER_TASK;
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!("audit chain intact: {expected} events")),
+        "{output}"
+    );
+
+    let through_first = list_audit(first, 1000).await;
+    assert_eq!(through_first.len(), expected);
+    assert_one_chain(&through_first);
+    for request_id in &request_ids {
+        let matching = through_first
+            .iter()
+            .filter(|event| &event.request_id == request_id)
+            .count();
+        assert_eq!(matching, 1, "request {request_id} has {matching} events");
+    }
+
+    // The other replica, in small pages, returns the same events, then
+    // the listing events of both.
+    let through_second = list_audit(second, 100).await;
+    assert_one_chain(&through_second);
+    assert!(through_second.len() > expected, "{}", through_second.len());
+    assert_eq!(through_second[..expected], through_first[..]);
+    assert!(
+        through_second[expected..]
+            .iter()
+            .all(|event| event.rpc == "ListAuditEvents"),
+        "{:?}",
+        &through_second[expected..]
+    );
+
+    // No secret, token or database password reached the audit table. The
+    // token is the cached one that the calls above received.
+    let token = token_by_id(first, &id).await.expect("token").into_inner();
+    let client = connect(&url).await;
+    let rows = client
+        .query("SELECT event FROM stvault_audit_events", &[])
+        .await
+        .expect("read the audit table");
+    assert!(rows.len() > expected, "{}", rows.len());
+    for row in &rows {
+        let event = String::from_utf8(row.get(0)).expect("events are UTF-8 JSON");
+        for sentinel in [
+            SECRET_1,
+            SECRET_2,
+            APP_KEY,
+            postgres::PASSWORD,
+            &token.access_token,
+        ] {
+            assert!(
+                !event.contains(sentinel),
+                "an audit event contains {sentinel}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_finds_edited_audit_rows() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(&fake, &url, &[]).await;
+    let id = register(&server, TENANT).await;
+    for _ in 0..9 {
+        token_by_id(&server, &id).await.expect("token");
+    }
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("audit chain intact: 10 events"), "{output}");
+
+    let client = connect(&url).await;
+    let original = client
+        .query_one(
+            "SELECT event, hash FROM stvault_audit_events WHERE sequence = 4",
+            &[],
+        )
+        .await
+        .expect("read event 4");
+    let (event, hash): (Vec<u8>, String) = (original.get(0), original.get(1));
+
+    // An edited event, first with its stored hash left as it was, then
+    // updated to match.
+    client
+        .execute(
+            "UPDATE stvault_audit_events SET event = convert_to(replace(\
+             convert_from(event, 'UTF8'), '\"code\":\"OK\"', '\"code\":\"PERMISSION_DENIED\"'), \
+             'UTF8') WHERE sequence = 4",
+            &[],
+        )
+        .await
+        .expect("edit event 4");
+    let output = assert_chain_breaks_at(&url, 4);
+    assert!(output.contains("hash stored beside it"), "{output}");
+    client
+        .execute(
+            "UPDATE stvault_audit_events SET hash = encode(sha256(event), 'hex') \
+             WHERE sequence = 4",
+            &[],
+        )
+        .await
+        .expect("rehash event 4");
+    let output = assert_chain_breaks_at(&url, 4);
+    assert!(
+        output.contains("previous_hash stored in event 5"),
+        "{output}"
+    );
+    client
+        .execute(
+            "UPDATE stvault_audit_events SET event = $1, hash = $2 WHERE sequence = 4",
+            &[&event, &hash],
+        )
+        .await
+        .expect("restore event 4");
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+
+    // A deleted event in the middle, and at the end.
+    client
+        .execute("DELETE FROM stvault_audit_events WHERE sequence = 6", &[])
+        .await
+        .expect("delete event 6");
+    let output = assert_chain_breaks_at(&url, 6);
+    assert!(output.contains("missing"), "{output}");
+    client
+        .execute("DELETE FROM stvault_audit_events WHERE sequence >= 6", &[])
+        .await
+        .expect("delete the tail");
+    let output = assert_chain_breaks_at(&url, 6);
+    assert!(!output.contains(postgres::PASSWORD), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_fail_while_audit_database_is_down() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(&fake, &url, &[]).await;
+    let id = register(&server, TENANT).await;
+    // Cached from here on, so the token calls below use the database only
+    // for their audit events.
+    token_by_id(&server, &id).await.expect("token");
+
+    cluster.stop();
+    let mut failed = Vec::new();
+    for _ in 0..2 {
+        let status = token_by_id(&server, &id)
+            .await
+            .expect_err("a call whose event cannot be written");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("audit"), "{status:?}");
+        failed.push(request_id(status.metadata()));
+    }
+    let (code, output) = verify_audit(&url);
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("127.0.0.1"), "{output}");
+    assert!(!output.contains(postgres::PASSWORD), "{output}");
+
+    cluster.restart();
+    wait_for_health(&server, ServingStatus::Serving).await;
+    token_by_id(&server, &id)
+        .await
+        .expect("token once the database is back");
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("audit chain intact: 3 events"), "{output}");
+    let events = list_audit(&server, 1000).await;
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|event| event.code == "OK"), "{events:?}");
+    for request_id in &failed {
+        assert!(
+            events.iter().all(|event| &event.request_id != request_id),
+            "the failed call {request_id} has an event"
+        );
+    }
+    assert!(
+        !server.logs().contains(postgres::PASSWORD),
+        "the database password reached the log"
     );
 }

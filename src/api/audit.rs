@@ -19,7 +19,7 @@ const PAGE_TOKEN_PREFIX: &str = "audit:";
 const MAX_CALLER_BYTES: usize = 256;
 
 /// Returns one page of audit events matching the request's filters.
-pub fn list_events(
+pub async fn list_events(
     audit: &AuditLog,
     request: pb::ListAuditEventsRequest,
 ) -> Result<pb::ListAuditEventsResponse, Status> {
@@ -28,6 +28,7 @@ pub fn list_events(
     let filter = filter(request)?;
     let page = audit
         .list(after, page_size, SCAN_LIMIT, &filter)
+        .await
         .map_err(|e| {
             tracing::error!(error = %e, "cannot read the audit trail");
             Status::internal("cannot read the audit trail; see the server log")

@@ -45,9 +45,10 @@ impl VaultService {
     /// inside a span, appends the audit event and logs the outcome with the
     /// caller, ids (recorded by the handler once known), code and latency.
     ///
-    /// The response is released only after its audit event is on disk. If
-    /// the event cannot be written, the call fails with `UNAVAILABLE`. While
-    /// appends keep failing, calls are rejected before they act.
+    /// The response is released only after its audit event is on disk (or
+    /// committed to PostgreSQL). If the event cannot be written, the call
+    /// fails with `UNAVAILABLE`. While appends keep failing, calls are
+    /// rejected before they act.
     pub(crate) async fn observe<R, T, F, Fut>(
         &self,
         rpc: Rpc,
@@ -80,7 +81,7 @@ impl VaultService {
             Ok(caller) => {
                 span.record("caller", caller.identity.as_str());
                 let method = caller.method;
-                let result = if !self.audit.is_healthy() {
+                let result = if !self.audit.is_writable().await {
                     Err(audit_unavailable())
                 } else if let Err(denied) = caller.authorize(rpc) {
                     Err(denied)
@@ -531,7 +532,9 @@ impl CredentialVault for VaultService {
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         self.observe(Rpc::ListAuditEvents, request, |_, request| async move {
-            audit::list_events(&self.audit, request.into_inner()).map(Response::new)
+            audit::list_events(&self.audit, request.into_inner())
+                .await
+                .map(Response::new)
         })
         .await
     }

@@ -1,13 +1,13 @@
-//! Verification of the audit chain. Every event from 1 to the last must be
-//! present, readable and numbered in order, and each must hold the hash of
-//! the one before it. The head record must name an event of the trail and
-//! match its hash.
+//! Verification of the audit chain, in a trail file or in the database.
+//! Every event from 1 to the last must be present, readable and numbered in
+//! order, and each must hold the hash of the one before it. The head record
+//! must name an event of the trail and match its hash.
 
 use std::fmt;
 use std::path::Path;
 
 use super::file::{events_path, head_path, read_head, scan_lines};
-use super::{AuditError, AuditEvent, GENESIS_HASH, hash_hex};
+use super::{AuditError, AuditEvent, GENESIS_HASH, Head, hash_hex};
 
 /// An intact chain.
 #[derive(Debug)]
@@ -39,27 +39,145 @@ impl fmt::Display for ChainBreak {
     }
 }
 
-/// Failure to verify a data directory.
+/// Failure to verify a trail.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("no audit trail in {dir}; pass the STVAULT_DATA_DIR of the server")]
     Missing { dir: String },
+    /// The database has no audit tables: no server of this version has
+    /// started on it yet.
+    #[error(
+        "no audit trail in the database {database}; start stvault serve on it once to create it"
+    )]
+    MissingTables { database: String },
     #[error("{0}")]
     Broken(ChainBreak),
     #[error("cannot read the audit trail: {0}")]
     Read(#[from] std::io::Error),
+    /// The database could not be reached or rejected a query. The message
+    /// names the database, never its password.
+    #[error("cannot read the audit trail: {0}")]
+    Database(String),
+}
+
+impl From<ChainBreak> for VerifyError {
+    fn from(chain_break: ChainBreak) -> Self {
+        VerifyError::Broken(chain_break)
+    }
+}
+
+/// Checks a chain one event at a time, oldest first, and then its head.
+pub(super) struct ChainCheck {
+    /// The head as recorded, read before the events.
+    head: Option<Head>,
+    /// Sequence of the last event checked; 0 before the first.
+    last: u64,
+    /// Hash of the last event checked, or the genesis hash.
+    previous_hash: String,
+    /// Whether the event the head names matches its hash, once checked.
+    head_matches: Option<bool>,
+}
+
+impl ChainCheck {
+    pub fn new(head: Option<Head>) -> Self {
+        Self {
+            head,
+            last: 0,
+            previous_hash: GENESIS_HASH.to_owned(),
+            head_matches: None,
+        }
+    }
+
+    /// Returns the sequence of the last event that passed.
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Checks the stored bytes of the next event, number `last() + 1`, and
+    /// returns their hash.
+    pub fn next(&mut self, bytes: &[u8]) -> Result<String, ChainBreak> {
+        let sequence = self.last + 1;
+        let event: AuditEvent = serde_json::from_slice(bytes)
+            .map_err(|e| broken(sequence, format!("the event is not readable: {e}")))?;
+        if event.sequence != sequence {
+            let reason = if event.sequence > sequence {
+                format!(
+                    "the event is missing (the next stored event is {})",
+                    event.sequence
+                )
+            } else {
+                format!("the event says it is number {}", event.sequence)
+            };
+            return Err(broken(sequence, reason));
+        }
+        if event.previous_hash != self.previous_hash {
+            return Err(if sequence == 1 {
+                broken(1, "the first event does not start the chain".into())
+            } else {
+                broken(
+                    sequence - 1,
+                    format!(
+                        "its hash does not match the previous_hash stored in event \
+                         {sequence}; one of the two was edited or replaced"
+                    ),
+                )
+            });
+        }
+        self.previous_hash = hash_hex(bytes);
+        if let Some(head) = &self.head {
+            if head.sequence == sequence {
+                self.head_matches = Some(head.hash == self.previous_hash);
+            }
+        }
+        self.last = sequence;
+        Ok(self.previous_hash.clone())
+    }
+
+    /// Checks the recorded head against the events checked.
+    pub fn finish(self, incomplete_tail: bool) -> Result<Verified, ChainBreak> {
+        let last = self.last;
+        match self.head {
+            Some(head) if head.sequence > last => {
+                return Err(broken(
+                    last + 1,
+                    format!(
+                        "the event is missing (the chain head records {} events)",
+                        head.sequence
+                    ),
+                ));
+            }
+            Some(head) if self.head_matches == Some(false) => {
+                return Err(broken(
+                    head.sequence,
+                    "its hash does not match the chain head; the event was edited or replaced"
+                        .into(),
+                ));
+            }
+            None if last > 0 => {
+                return Err(broken(last, "the chain head record is missing".into()));
+            }
+            _ => {}
+        }
+        Ok(Verified {
+            events: last,
+            head_hash: self.previous_hash,
+            incomplete_tail,
+        })
+    }
+}
+
+pub(super) fn broken(sequence: u64, reason: String) -> ChainBreak {
+    ChainBreak { sequence, reason }
 }
 
 /// Verifies the audit chain of a data directory. The server may be running:
 /// events it appends during the check are either read whole or reported as
 /// an incomplete tail.
 pub fn verify_data_dir(dir: &Path) -> Result<Verified, VerifyError> {
-    let broken =
-        |sequence: u64, reason: String| VerifyError::Broken(ChainBreak { sequence, reason });
     // Read before the events, so events appended meanwhile are past it.
     let head = read_head(&head_path(dir)).map_err(|e| match e {
         AuditError::Io(e) => VerifyError::Read(e),
-        other => broken(0, other.to_string()),
+        other => broken(0, other.to_string()).into(),
     })?;
     let file = match std::fs::File::open(events_path(dir)) {
         Ok(file) => file,
@@ -71,85 +189,23 @@ pub fn verify_data_dir(dir: &Path) -> Result<Verified, VerifyError> {
         Err(e) => return Err(VerifyError::Read(e)),
     };
 
-    let mut last = 0;
-    let mut previous_hash = GENESIS_HASH.to_owned();
-    let mut head_matches = None;
+    let mut check = ChainCheck::new(head);
     let mut first_break = None;
-    let scanned = scan_lines(&file, 0, 1, |sequence, _, line| {
-        let event: AuditEvent = match serde_json::from_slice(line) {
-            Ok(event) => event,
-            Err(e) => {
-                first_break = Some(broken(sequence, format!("the event is not readable: {e}")));
-                return Ok(false);
-            }
-        };
-        if event.sequence != sequence {
-            let reason = if event.sequence > sequence {
-                format!(
-                    "the event is missing (the next stored event is {})",
-                    event.sequence
-                )
-            } else {
-                format!("the event says it is number {}", event.sequence)
-            };
-            first_break = Some(broken(sequence, reason));
-            return Ok(false);
+    let scanned = scan_lines(&file, 0, 1, |_, _, line| match check.next(line) {
+        Ok(_) => Ok(true),
+        Err(chain_break) => {
+            first_break = Some(chain_break);
+            Ok(false)
         }
-        if event.previous_hash != previous_hash {
-            first_break = Some(if sequence == 1 {
-                broken(1, "the first event does not start the chain".into())
-            } else {
-                broken(
-                    sequence - 1,
-                    format!(
-                        "its hash does not match the previous_hash stored in event \
-                         {sequence}; one of the two was edited or replaced"
-                    ),
-                )
-            });
-            return Ok(false);
-        }
-        previous_hash = hash_hex(line);
-        if head.as_ref().is_some_and(|h| h.sequence == sequence) {
-            head_matches = Some(head.as_ref().is_some_and(|h| h.hash == previous_hash));
-        }
-        last = sequence;
-        Ok(true)
     });
     let (_, incomplete_tail) = scanned.map_err(|e| match e {
         AuditError::Io(e) => VerifyError::Read(e),
-        other => broken(last + 1, other.to_string()),
+        other => broken(check.last() + 1, other.to_string()).into(),
     })?;
     if let Some(chain_break) = first_break {
-        return Err(chain_break);
+        return Err(chain_break.into());
     }
-
-    match head {
-        Some(head) if head.sequence > last => {
-            return Err(broken(
-                last + 1,
-                format!(
-                    "the event is missing (the chain head records {} events)",
-                    head.sequence
-                ),
-            ));
-        }
-        Some(head) if head_matches == Some(false) => {
-            return Err(broken(
-                head.sequence,
-                "its hash does not match the chain head; the event was edited or replaced".into(),
-            ));
-        }
-        None if last > 0 => {
-            return Err(broken(last, "the chain head record is missing".into()));
-        }
-        _ => {}
-    }
-    Ok(Verified {
-        events: last,
-        head_hash: previous_hash,
-        incomplete_tail,
-    })
+    Ok(check.finish(incomplete_tail)?)
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
-//! The audit trail: one event per RPC, allowed or denied, appended to a file
-//! in the data directory and hash-chained, so an edited or deleted event is
-//! detectable by `stvault audit verify`.
+//! The audit trail: one event per RPC, allowed or denied, appended and
+//! hash-chained, so an edited or deleted event is detectable by `stvault
+//! audit verify`. With sled storage the trail is a file in the data
+//! directory. With PostgreSQL it is a table in the database, where every
+//! replica appends to the same chain.
 //!
 //! Events hold identities, ids and outcomes, never a secret, token, app key
 //! or a hash of one.
 
 mod chain;
 mod file;
+mod legacy;
+mod postgres;
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
@@ -18,14 +20,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::Environment;
+use crate::store::{PostgresStore, StoreError};
 use file::TrailFile;
+use postgres::PostgresTrail;
 
 pub use chain::{ChainBreak, Verified, VerifyError, verify_data_dir};
 pub use file::{EVENTS_FILE, HEAD_FILE, SyncPolicy};
+pub use legacy::import_legacy;
+pub use postgres::verify_database;
 
-/// Trees of the sled database that held the trail in earlier versions.
-const LEGACY_EVENTS_TREE: &str = "audit_events";
-const LEGACY_HEAD_TREE: &str = "audit_head";
 /// `previous_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -53,6 +56,32 @@ pub struct AuditEvent {
     pub code: String,
     /// Hex SHA-256 of the stored bytes of the previous event.
     pub previous_hash: String,
+}
+
+impl AuditEvent {
+    /// Builds the event that follows `head` in the chain, timed now.
+    fn after(head: &Head, draft: EventDraft) -> Self {
+        Self {
+            sequence: head.sequence + 1,
+            time: SystemTime::now(),
+            request_id: draft.request_id,
+            caller: draft.caller,
+            auth_method: draft.auth_method,
+            peer: draft.peer,
+            rpc: draft.rpc,
+            connection_id: draft.connection_id,
+            environment: draft.environment,
+            tenant_id: draft.tenant_id,
+            credential_version: draft.credential_version,
+            code: draft.code,
+            previous_hash: head.hash.clone(),
+        }
+    }
+
+    /// Returns the stored bytes, which the chain hashes.
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("audit events are JSON-representable")
+    }
 }
 
 /// The fields of an event that the RPC layer fills in.
@@ -128,6 +157,9 @@ pub enum AuditError {
     Unavailable(String),
     #[error("cannot read the audit events of the database: {0}")]
     Legacy(#[from] sled::Error),
+    /// The PostgreSQL trail could not be read or written.
+    #[error("audit trail: {0}")]
+    Database(#[from] StoreError),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,33 +168,56 @@ pub struct Head {
     pub hash: String,
 }
 
-/// The append-only, hash-chained audit trail of a data directory.
+/// The append-only, hash-chained audit trail.
 pub struct AuditLog {
-    trail: TrailFile,
+    backend: Backend,
     /// False after a failed append, until an append succeeds again.
     healthy: AtomicBool,
     #[cfg(test)]
     fail_appends: AtomicBool,
 }
 
+enum Backend {
+    /// The trail file of a data directory.
+    File(Box<TrailFile>),
+    /// The audit tables of a PostgreSQL database.
+    Postgres(PostgresTrail),
+}
+
 impl AuditLog {
     /// Opens the trail in `dir`, continuing the chain after its last event.
     pub fn open(dir: &Path, sync: SyncPolicy) -> Result<Self, AuditError> {
-        Ok(Self {
-            trail: TrailFile::open(dir, sync)?,
+        let trail = TrailFile::open(dir, sync)?;
+        Ok(Self::with_backend(Backend::File(Box::new(trail))))
+    }
+
+    /// Opens the trail in the database of `store`, whose schema is up to
+    /// date. Appends continue the chain after the database's last event,
+    /// whichever server appended it.
+    pub fn open_postgres(store: &PostgresStore) -> Self {
+        Self::with_backend(Backend::Postgres(PostgresTrail::new(store.clone())))
+    }
+
+    fn with_backend(backend: Backend) -> Self {
+        Self {
+            backend,
             healthy: AtomicBool::new(true),
             #[cfg(test)]
             fail_appends: AtomicBool::new(false),
-        })
+        }
     }
 
-    /// Number of events appended.
-    pub fn len(&self) -> u64 {
-        self.trail.lock().head.sequence
+    /// Returns the number of events appended, by every server that shares
+    /// the trail.
+    pub async fn len(&self) -> Result<u64, AuditError> {
+        match &self.backend {
+            Backend::File(trail) => Ok(trail.lock().head.sequence),
+            Backend::Postgres(trail) => Ok(trail.head().await?.sequence),
+        }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    pub async fn is_empty(&self) -> Result<bool, AuditError> {
+        Ok(self.len().await? == 0)
     }
 
     /// Returns whether the last append succeeded.
@@ -170,7 +225,20 @@ impl AuditLog {
         self.healthy.load(Ordering::SeqCst)
     }
 
-    /// Appends an event and returns once it is on disk.
+    /// Returns whether an append may succeed: the last one did, or, with
+    /// PostgreSQL, the database can be read again after a failed one.
+    pub async fn is_writable(&self) -> bool {
+        if self.is_healthy() {
+            return true;
+        }
+        match &self.backend {
+            Backend::File(_) => false,
+            Backend::Postgres(trail) => trail.head().await.is_ok(),
+        }
+    }
+
+    /// Appends an event and returns once it is on disk, or committed to
+    /// the database.
     pub async fn append(&self, draft: EventDraft) -> Result<StoredEvent, AuditError> {
         let result = self.append_inner(draft).await;
         self.healthy.store(result.is_ok(), Ordering::SeqCst);
@@ -184,100 +252,36 @@ impl AuditLog {
                 "injected audit write failure".into(),
             ));
         }
-        let (stored, queued) = {
-            let mut state = self.trail.lock();
-            let event = AuditEvent {
-                sequence: state.head.sequence + 1,
-                time: SystemTime::now(),
-                request_id: draft.request_id,
-                caller: draft.caller,
-                auth_method: draft.auth_method,
-                peer: draft.peer,
-                rpc: draft.rpc,
-                connection_id: draft.connection_id,
-                environment: draft.environment,
-                tenant_id: draft.tenant_id,
-                credential_version: draft.credential_version,
-                code: draft.code,
-                previous_hash: state.head.hash.clone(),
-            };
-            let bytes = serde_json::to_vec(&event).expect("audit events are JSON-representable");
-            let head = Head {
-                sequence: event.sequence,
-                hash: hash_hex(&bytes),
-            };
-            let hash = head.hash.clone();
-            let queued = self.trail.queue(&mut state, &bytes, head)?;
-            (StoredEvent { event, hash }, queued)
-        };
-        self.trail.wait(queued).await?;
-        Ok(stored)
+        match &self.backend {
+            Backend::File(trail) => append_to_file(trail, draft).await,
+            Backend::Postgres(trail) => trail.append(draft).await,
+        }
     }
 
     /// Returns up to `limit` events after sequence `after` that match
     /// `filter`, oldest first, reading at most `scan_limit` events. Only
-    /// events on disk are read.
-    pub fn list(
+    /// events on disk, or committed, are read.
+    pub async fn list(
         &self,
         after: u64,
         limit: usize,
         scan_limit: usize,
         filter: &Filter,
     ) -> Result<Page, AuditError> {
-        let (durable, start) = {
-            let state = self.trail.lock();
-            let slot = (after / file::INDEX_STRIDE) as usize;
-            match state.index.get(slot) {
-                Some(&offset) if after < state.durable.sequence => (
-                    state.durable.sequence,
-                    (slot as u64 * file::INDEX_STRIDE + 1, offset),
-                ),
-                _ => {
-                    return Ok(Page {
-                        events: Vec::new(),
-                        next_after: None,
-                    });
-                }
-            }
+        let page = PageBuilder {
+            after,
+            limit,
+            scan_limit,
+            filter,
+            events: Vec::new(),
+            last_seen: after,
+            scanned: 0,
+            next_after: None,
         };
-        let reader = std::fs::File::open(&self.trail.path)?;
-        let mut events = Vec::new();
-        let mut last_seen = after;
-        let mut scanned = 0;
-        let mut next_after = None;
-        file::scan_lines(&reader, start.1, start.0, |sequence, _, line| {
-            if sequence <= after {
-                return Ok(true);
-            }
-            if sequence > durable {
-                return Ok(false);
-            }
-            if scanned == scan_limit {
-                next_after = Some(last_seen);
-                return Ok(false);
-            }
-            scanned += 1;
-            let event: AuditEvent =
-                serde_json::from_slice(line).map_err(|e| AuditError::Corrupt {
-                    sequence,
-                    reason: e.to_string(),
-                })?;
-            if !filter.matches(&event) {
-                last_seen = sequence;
-                return Ok(true);
-            }
-            if events.len() == limit {
-                next_after = Some(last_seen);
-                return Ok(false);
-            }
-            last_seen = sequence;
-            events.push(StoredEvent {
-                event,
-                hash: hash_hex(line),
-            });
-            Ok(true)
-        })?;
-        Ok(Page { events, next_after })
+        match &self.backend {
+            Backend::File(trail) => list_file(trail, page),
+            Backend::Postgres(trail) => trail.list(page).await,
+        }
     }
 
     /// Makes every later append fail, to test how RPCs react.
@@ -287,77 +291,98 @@ impl AuditLog {
     }
 }
 
-/// Moves an audit trail kept in the `audit_events` tree of `db`, where
-/// earlier versions stored it, into the trail file of `dir`, byte for byte
-/// so every hash still holds, then drops the old trees. Returns the number
-/// of events moved.
-pub fn import_legacy(db: &sled::Db, dir: &Path) -> Result<u64, AuditError> {
-    let has_tree = |name: &str| {
-        db.tree_names()
-            .iter()
-            .any(|n| n.as_ref() == name.as_bytes())
-    };
-    if !has_tree(LEGACY_EVENTS_TREE) {
-        return Ok(0);
-    }
-    let drop_legacy = || -> Result<(), AuditError> {
-        db.drop_tree(LEGACY_EVENTS_TREE)?;
-        db.drop_tree(LEGACY_HEAD_TREE)?;
-        db.flush()?;
-        Ok(())
-    };
-    let target = file::events_path(dir);
-    let events = db.open_tree(LEGACY_EVENTS_TREE)?;
-    if events.is_empty() || std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
-        // Empty, or moved already by a run that stopped before dropping it.
-        drop_legacy()?;
-        return Ok(0);
-    }
-    let partial = dir.join(format!("{}.import", file::EVENTS_FILE));
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&partial)?;
-    let mut head = Head {
-        sequence: 0,
-        hash: GENESIS_HASH.to_owned(),
-    };
-    let mut buffered = std::io::BufWriter::new(&mut out);
-    for entry in events.iter() {
-        let (key, value) = entry?;
-        let sequence = sequence_of(&key);
-        if sequence != head.sequence + 1 {
-            return Err(AuditError::Corrupt {
-                sequence: head.sequence + 1,
-                reason: "the event is missing from the database's audit trail; run the \
-                         previous version's `stvault audit verify`"
-                    .into(),
-            });
-        }
-        buffered.write_all(&value)?;
-        buffered.write_all(b"\n")?;
-        head = Head {
-            sequence,
-            hash: hash_hex(&value),
+async fn append_to_file(trail: &TrailFile, draft: EventDraft) -> Result<StoredEvent, AuditError> {
+    let (stored, queued) = {
+        let mut state = trail.lock();
+        let event = AuditEvent::after(&state.head, draft);
+        let bytes = event.encode();
+        let head = Head {
+            sequence: event.sequence,
+            hash: hash_hex(&bytes),
         };
-    }
-    buffered.flush()?;
-    drop(buffered);
-    out.sync_all()?;
-    std::fs::write(file::head_path(dir), file::encode_head(&head))?;
-    std::fs::rename(&partial, &target)?;
-    std::fs::File::open(dir)?.sync_all()?;
-    drop_legacy()?;
-    Ok(head.sequence)
+        let hash = head.hash.clone();
+        let queued = trail.queue(&mut state, &bytes, head)?;
+        (StoredEvent { event, hash }, queued)
+    };
+    trail.wait(queued).await?;
+    Ok(stored)
 }
 
-fn sequence_of(key: &[u8]) -> u64 {
-    let mut bytes = [0u8; 8];
-    let len = key.len().min(8);
-    bytes[8 - len..].copy_from_slice(&key[..len]);
-    u64::from_be_bytes(bytes)
+fn list_file(trail: &TrailFile, mut page: PageBuilder<'_>) -> Result<Page, AuditError> {
+    let after = page.after;
+    let (durable, start) = {
+        let state = trail.lock();
+        let slot = (after / file::INDEX_STRIDE) as usize;
+        match state.index.get(slot) {
+            Some(&offset) if after < state.durable.sequence => (
+                state.durable.sequence,
+                (slot as u64 * file::INDEX_STRIDE + 1, offset),
+            ),
+            _ => return Ok(page.finish()),
+        }
+    };
+    let reader = std::fs::File::open(&trail.path)?;
+    file::scan_lines(&reader, start.1, start.0, |sequence, _, line| {
+        if sequence > durable {
+            return Ok(false);
+        }
+        page.offer(sequence, line)
+    })?;
+    Ok(page.finish())
+}
+
+/// One page of `AuditLog::list` as it is read, event by event, oldest
+/// first.
+struct PageBuilder<'a> {
+    after: u64,
+    limit: usize,
+    scan_limit: usize,
+    filter: &'a Filter,
+    events: Vec<StoredEvent>,
+    /// Sequence of the last event read and either kept or filtered out.
+    last_seen: u64,
+    scanned: usize,
+    next_after: Option<u64>,
+}
+
+impl PageBuilder<'_> {
+    /// Reads the stored bytes of the event numbered `sequence`. Returns
+    /// false once the page is complete.
+    fn offer(&mut self, sequence: u64, bytes: &[u8]) -> Result<bool, AuditError> {
+        if sequence <= self.after {
+            return Ok(true);
+        }
+        if self.scanned == self.scan_limit {
+            self.next_after = Some(self.last_seen);
+            return Ok(false);
+        }
+        self.scanned += 1;
+        let event: AuditEvent = serde_json::from_slice(bytes).map_err(|e| AuditError::Corrupt {
+            sequence,
+            reason: e.to_string(),
+        })?;
+        if !self.filter.matches(&event) {
+            self.last_seen = sequence;
+            return Ok(true);
+        }
+        if self.events.len() == self.limit {
+            self.next_after = Some(self.last_seen);
+            return Ok(false);
+        }
+        self.last_seen = sequence;
+        self.events.push(StoredEvent {
+            event,
+            hash: hash_hex(bytes),
+        });
+        Ok(true)
+    }
+
+    fn finish(self) -> Page {
+        Page {
+            events: self.events,
+            next_after: self.next_after,
+        }
+    }
 }
 
 fn hash_hex(bytes: &[u8]) -> String {
@@ -368,7 +393,7 @@ fn hash_hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn draft(caller: &str, tenant_id: i64) -> EventDraft {
+    pub(super) fn draft(caller: &str, tenant_id: i64) -> EventDraft {
         EventDraft {
             request_id: "req".into(),
             caller: caller.into(),
@@ -420,11 +445,17 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(log.len(), 1600);
-        let all = log.list(0, 2000, usize::MAX, &Filter::default()).unwrap();
+        assert_eq!(log.len().await.unwrap(), 1600);
+        let all = log
+            .list(0, 2000, usize::MAX, &Filter::default())
+            .await
+            .unwrap();
         assert_eq!(all.events.len(), 1600);
         // Paging from past an index entry starts at the right event.
-        let page = log.list(1030, 5, usize::MAX, &Filter::default()).unwrap();
+        let page = log
+            .list(1030, 5, usize::MAX, &Filter::default())
+            .await
+            .unwrap();
         let sequences: Vec<u64> = page.events.iter().map(|e| e.event.sequence).collect();
         assert_eq!(sequences, [1031, 1032, 1033, 1034, 1035]);
         drop(all);
@@ -445,7 +476,10 @@ mod tests {
             assert_eq!(text.lines().count() as u64, stored.event.sequence);
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let page = log.list(0, 100, usize::MAX, &Filter::default()).unwrap();
+        let page = log
+            .list(0, 100, usize::MAX, &Filter::default())
+            .await
+            .unwrap();
         assert_eq!(page.events.len(), 20);
         drop(log);
         let verified = verify_data_dir(dir.path()).unwrap();
@@ -510,23 +544,24 @@ mod tests {
             caller: Some("even".into()),
             ..Default::default()
         };
-        let page = log.list(0, 3, usize::MAX, &filter).unwrap();
+        let page = log.list(0, 3, usize::MAX, &filter).await.unwrap();
         let sequences: Vec<u64> = page.events.iter().map(|e| e.event.sequence).collect();
         assert_eq!(sequences, [1, 3, 5]);
         // Event 6 was read and skipped before the page filled up.
         assert_eq!(page.next_after, Some(6));
-        let page = log.list(6, 3, usize::MAX, &filter).unwrap();
+        let page = log.list(6, 3, usize::MAX, &filter).await.unwrap();
         let sequences: Vec<u64> = page.events.iter().map(|e| e.event.sequence).collect();
         assert_eq!(sequences, [7, 9]);
         assert_eq!(page.next_after, None);
 
         // A scan limit ends the page early with a token to continue.
-        let page = log.list(0, 100, 4, &filter).unwrap();
+        let page = log.list(0, 100, 4, &filter).await.unwrap();
         assert_eq!(page.events.len(), 2);
         assert_eq!(page.next_after, Some(4));
         // Nothing after the last event.
         assert!(
             log.list(10, 3, usize::MAX, &filter)
+                .await
                 .unwrap()
                 .events
                 .is_empty()
@@ -544,47 +579,5 @@ mod tests {
         let event = log.append(draft("a", 1)).await.unwrap();
         assert_eq!(event.event.sequence, 1);
         assert!(log.is_healthy());
-    }
-
-    #[tokio::test]
-    async fn legacy_trail_moves_byte_for_byte() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path().join("db")).unwrap();
-        let tree = db.open_tree(LEGACY_EVENTS_TREE).unwrap();
-        let mut previous = GENESIS_HASH.to_owned();
-        for sequence in 1..=3u64 {
-            let event = AuditEvent {
-                sequence,
-                time: SystemTime::UNIX_EPOCH,
-                request_id: format!("req-{sequence}"),
-                caller: "admin".into(),
-                auth_method: "bearer_key".into(),
-                peer: None,
-                rpc: "ListConnections".into(),
-                connection_id: None,
-                environment: None,
-                tenant_id: None,
-                credential_version: None,
-                code: "OK".into(),
-                previous_hash: previous.clone(),
-            };
-            let bytes = serde_json::to_vec(&event).unwrap();
-            previous = hash_hex(&bytes);
-            tree.insert(sequence.to_be_bytes(), bytes).unwrap();
-        }
-        db.open_tree(LEGACY_HEAD_TREE).unwrap();
-
-        assert_eq!(import_legacy(&db, dir.path()).unwrap(), 3);
-        assert!(
-            !db.tree_names()
-                .iter()
-                .any(|n| n.as_ref() == b"audit_events")
-        );
-        assert_eq!(import_legacy(&db, dir.path()).unwrap(), 0);
-        let verified = verify_data_dir(dir.path()).unwrap();
-        assert_eq!((verified.events, verified.head_hash), (3, previous.clone()));
-        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
-        let next = log.append(draft("a", 1)).await.unwrap();
-        assert_eq!(next.event.previous_hash, previous);
     }
 }

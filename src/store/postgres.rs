@@ -42,6 +42,15 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects to the database and applies pending schema migrations.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let store = Self::connect_unmigrated(settings)?;
+        let mut client = store.client().await?;
+        schema::migrate(&mut client, &store.target).await?;
+        Ok(store)
+    }
+
+    /// Sets up the connection pool without touching the schema, for
+    /// commands that only read. Connections open on first use.
+    pub fn connect_unmigrated(settings: &DatabaseSettings) -> Result<Self, StoreError> {
         let target: Arc<str> = settings.target().into();
         let tls = tls_connector(settings)
             .map_err(|e| StoreError::Database(format!("{target}: cannot set up TLS: {e}")))?;
@@ -59,21 +68,25 @@ impl PostgresStore {
             .map_err(|e| {
                 StoreError::Database(format!("{target}: cannot build the connection pool: {e}"))
             })?;
-        let store = Self { pool, target };
-        let mut client = store.client().await?;
-        schema::migrate(&mut client, &store.target).await?;
-        Ok(store)
+        Ok(Self { pool, target })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+    /// Returns a pooled connection.
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool
             .get()
             .await
             .map_err(|e| pool_error(&self.target, e))
     }
 
-    fn error(&self, error: tokio_postgres::Error) -> StoreError {
+    /// Classifies a failed statement, naming the database.
+    pub(crate) fn error(&self, error: tokio_postgres::Error) -> StoreError {
         database_error(&self.target, error)
+    }
+
+    /// Returns the database without its password, for messages.
+    pub fn target(&self) -> &str {
+        &self.target
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

@@ -17,11 +17,18 @@ struct Migration {
 
 /// Every migration, in the order they apply. Never edit a released one:
 /// add the next instead.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "connections",
-    sql: include_str!("migrations/0001_connections.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "connections",
+        sql: include_str!("migrations/0001_connections.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "audit",
+        sql: include_str!("migrations/0002_audit.sql"),
+    },
+];
 
 /// Key of the transaction-level advisory lock that serializes migrations
 /// ("stvault" in ASCII).

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use stvault::pb;
 use support::callers::{Key, write_policy};
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
-use support::server::{Server, grpcurl, json, run_command};
+use support::server::{Server, grpcurl, json, request_id, run_command};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
@@ -85,20 +85,6 @@ fn by_tenant(tenant_id: i64) -> pb::GetAccessTokenRequest {
         tenant_id,
         ..Default::default()
     }
-}
-
-/// Returns the request id stvault sent back with a response or an error.
-fn request_id<T>(result: &Result<Response<T>, Status>) -> String {
-    let metadata = match result {
-        Ok(response) => response.metadata(),
-        Err(status) => status.metadata(),
-    };
-    metadata
-        .get("x-request-id")
-        .expect("every response carries x-request-id")
-        .to_str()
-        .unwrap()
-        .to_owned()
 }
 
 fn code<T>(result: &Result<Response<T>, Status>) -> Code {

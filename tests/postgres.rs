@@ -24,7 +24,7 @@ use stvault::vault::{NewConnection, new_record};
 use support::certs::Pki;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::postgres::{self, Postgres};
-use support::server::{self, Server, json};
+use support::server::{self, Server, json, request_id};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -825,16 +825,6 @@ async fn token_by_id(
         .await
 }
 
-/// Returns the request id that stvault sent back in `metadata`.
-fn request_id(metadata: &tonic::metadata::MetadataMap) -> String {
-    metadata
-        .get("x-request-id")
-        .expect("every response carries x-request-id")
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
 /// Runs `stvault audit verify --storage postgres` on the database at `url`
 /// and returns its exit code and output.
 fn verify_audit(url: &str) -> (i32, String) {
@@ -916,26 +906,25 @@ async fn call_replicas(
     let mut request_ids = Vec::new();
     for call in first..first + calls {
         let client = &mut clients[call % 2];
-        let metadata = if call % 4 < 2 {
+        let (returned_id, failure) = if call % 4 < 2 {
             let request = pb::GetAccessTokenRequest {
                 connection_id: id.into(),
                 ..Default::default()
             };
-            client
-                .get_access_token(request)
-                .await
-                .map(|r| r.metadata().clone())
+            let result = client.get_access_token(request).await;
+            (request_id(&result), result.err())
         } else {
             let request = pb::GetConnectionRequest {
                 connection_id: id.into(),
             };
-            client
-                .get_connection(request)
-                .await
-                .map(|r| r.metadata().clone())
+            let result = client.get_connection(request).await;
+            (request_id(&result), result.err())
         };
-        let metadata = metadata.unwrap_or_else(|status| panic!("call {call} failed: {status:?}"));
-        request_ids.push(request_id(&metadata));
+        assert!(
+            failure.is_none(),
+            "call {call} ({returned_id}) failed: {failure:?}"
+        );
+        request_ids.push(returned_id);
     }
     request_ids
 }
@@ -949,6 +938,17 @@ async fn replicas_append_to_one_audit_chain() {
     let fake = fake().await;
     let first = Server::start_postgres(&fake, &url, &[]).await;
     let second = first.start_replica().await;
+    for server in [&first, &second] {
+        let dir = server.data_dir();
+        assert!(
+            !dir.join(stvault::store::DB_DIR_NAME).exists(),
+            "a sled database was created"
+        );
+        assert!(
+            !dir.join(stvault::audit::EVENTS_FILE).exists(),
+            "a trail file was created"
+        );
+    }
     let id = register(&first, TENANT).await;
     second
         .client()
@@ -1131,12 +1131,11 @@ async fn calls_fail_while_audit_database_is_down() {
     cluster.stop();
     let mut failed = Vec::new();
     for _ in 0..2 {
-        let status = token_by_id(&server, &id)
-            .await
-            .expect_err("a call whose event cannot be written");
+        let result = token_by_id(&server, &id).await;
+        failed.push(request_id(&result));
+        let status = result.expect_err("a call whose event cannot be written");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(status.message().contains("audit"), "{status:?}");
-        failed.push(request_id(status.metadata()));
     }
     let (code, output) = verify_audit(&url);
     assert_ne!(code, 0, "{output}");
@@ -1164,4 +1163,87 @@ async fn calls_fail_while_audit_database_is_down() {
         !server.logs().contains(postgres::PASSWORD),
         "the database password reached the log"
     );
+}
+
+/// Writes `count` chained events into the sled database of `data_dir`,
+/// where earlier versions kept the audit trail, and returns the last hash.
+fn write_legacy_trail(data_dir: &std::path::Path, count: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let db = sled::open(data_dir.join(stvault::store::DB_DIR_NAME)).expect("open sled");
+    let tree = db.open_tree("audit_events").expect("open the events tree");
+    let mut previous = stvault::audit::GENESIS_HASH.to_owned();
+    for sequence in 1..=count {
+        let event = stvault::audit::AuditEvent {
+            sequence,
+            time: std::time::SystemTime::now(),
+            request_id: format!("earlier-{sequence}"),
+            caller: "admin".into(),
+            auth_method: "bearer_key".into(),
+            peer: None,
+            rpc: "ListConnections".into(),
+            connection_id: None,
+            environment: None,
+            tenant_id: None,
+            credential_version: None,
+            code: "OK".into(),
+            previous_hash: previous.clone(),
+        };
+        let bytes = serde_json::to_vec(&event).unwrap();
+        previous = hex::encode(Sha256::digest(&bytes));
+        tree.insert(sequence.to_be_bytes(), bytes).unwrap();
+    }
+    db.flush().expect("flush sled");
+    previous
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn earlier_local_trail_stays_verifiable() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let first = Server::start_postgres(&fake, &url, &[]).await;
+
+    // A replica whose data directory still has an earlier version's trail
+    // in its sled database.
+    let earlier = tempfile::tempdir().unwrap();
+    let data_dir = earlier.path().join("data");
+    let last_hash = write_legacy_trail(&data_dir, 3);
+    let mut env = first.env.clone();
+    env.insert("STVAULT_DATA_DIR".into(), data_dir.display().to_string());
+    let replica = Server::start_env(env).await;
+    assert!(
+        replica.logs().contains("moved the audit trail"),
+        "{}",
+        replica.logs()
+    );
+    register(&replica, TENANT).await;
+
+    // The earlier events are in the trail file, the new one in the database.
+    let env = HashMap::from([(
+        "STVAULT_DATA_DIR".to_string(),
+        data_dir.display().to_string(),
+    )]);
+    let (code, output) = server::run_command(&["audit", "verify"], &env);
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!(
+            "audit chain intact: 3 events, last hash {last_hash}"
+        )),
+        "{output}"
+    );
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("audit chain intact: 1 events"), "{output}");
+}
+
+#[test]
+fn audit_verify_names_missing_settings() {
+    let env = HashMap::new();
+    let (code, output) = server::run_command(&["audit", "verify", "--storage", "postgres"], &env);
+    assert_eq!(code, 78, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL"), "{output}");
+
+    let (code, output) = server::run_command(&["audit", "verify"], &env);
+    assert_eq!(code, 64, "{output}");
+    assert!(output.contains("--data-dir"), "{output}");
 }

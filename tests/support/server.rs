@@ -501,6 +501,20 @@ pub fn json(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).expect("grpcurl printed JSON")
 }
 
+/// Returns the request id stvault sent back with a response or an error.
+pub fn request_id<T>(result: &Result<tonic::Response<T>, tonic::Status>) -> String {
+    let metadata = match result {
+        Ok(response) => response.metadata(),
+        Err(status) => status.metadata(),
+    };
+    metadata
+        .get("x-request-id")
+        .expect("every response carries x-request-id")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// Returns grpcurl's error output, asserting that the call failed with `code`
 /// (grpcurl's spelling, such as "NotFound").
 pub fn grpcurl_error(output: &Output, code: &str) -> String {

@@ -311,6 +311,20 @@ pub async fn serve(
             stop_requested.clone(),
         ))
     });
+    // Rotations and deletions made through other servers drop what this
+    // one cached of the connection.
+    let changes = store.is_shared().then(|| {
+        let broker = opened.vault.broker().clone();
+        let store = store.clone();
+        let stopping = stop_requested.clone();
+        tokio::spawn(async move {
+            let on_change = |change: store::Change<'_>| match change {
+                store::Change::Connection(id) => broker.invalidate(id),
+                store::Change::Unknown => broker.invalidate_all(),
+            };
+            store.watch_changes(on_change, stopping).await;
+        })
+    });
     let checker = tokio::spawn(health::run(
         opened.vault.clone(),
         opened.health.clone(),
@@ -365,6 +379,9 @@ pub async fn serve(
     }
     checker.abort();
     if let Some(task) = readiness {
+        task.abort();
+    }
+    if let Some(task) = changes {
         task.abort();
     }
     if let Some(task) = metrics_task {

@@ -24,7 +24,7 @@ pub mod postgres;
 mod sled_store;
 
 pub use maintenance::Snapshot;
-pub use postgres::DatabaseSettings;
+pub use postgres::{Change, DatabaseSettings};
 pub use sled_store::DB_DIR_NAME;
 
 use postgres::PostgresStore;
@@ -173,6 +173,19 @@ impl Store {
         match &self.backend {
             Backend::Sled(_) => "sled",
             Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// With PostgreSQL, calls `on_change` for each connection that any
+    /// server updates or deletes, until `stopping` turns true. With sled,
+    /// which has one writer, returns at once.
+    pub async fn watch_changes(
+        &self,
+        on_change: impl Fn(Change<'_>),
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if let Backend::Postgres(postgres) = &self.backend {
+            postgres.watch_changes(on_change, stopping).await;
         }
     }
 

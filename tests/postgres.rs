@@ -334,6 +334,81 @@ async fn replicas_share_one_database() {
     );
 }
 
+/// Polls `check` every 50 ms until it returns true, for at most `limit`,
+/// and returns how long that took.
+async fn within<F, Fut>(limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "not seen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_reach_the_other_replica_within_a_second() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let first = Server::start_postgres(&fake, &url, &[]).await;
+    let second = first.start_replica().await;
+    let id = register(&first, TENANT).await;
+
+    // The second replica caches credentials and a token of version 1.
+    let token = token_by_tenant(&second, TENANT).await;
+    assert_eq!(token.credential_version, 1);
+    let requests = fake.token_requests();
+    assert_eq!(
+        token_by_tenant(&second, TENANT).await.access_token,
+        token.access_token
+    );
+    assert_eq!(fake.token_requests(), requests, "served from its cache");
+
+    first
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate through the first replica");
+    let took = within(Duration::from_secs(1), || async {
+        token_by_tenant(&second, TENANT).await.credential_version == 2
+    })
+    .await;
+    eprintln!("rotation seen by the other replica after {took:?}");
+
+    first
+        .client()
+        .await
+        .delete_connection(pb::DeleteConnectionRequest {
+            connection_id: id.clone(),
+        })
+        .await
+        .expect("delete through the first replica");
+    let took = within(Duration::from_secs(1), || async {
+        let call = second
+            .client()
+            .await
+            .get_access_token(pb::GetAccessTokenRequest {
+                connection_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        matches!(call, Err(status) if status.code() == Code::NotFound)
+    })
+    .await;
+    eprintln!("deletion seen by the other replica after {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn database_dump_holds_no_secrets() {
     let cluster = Postgres::start();

@@ -178,6 +178,11 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     })
 }
 
+/// Health service name that reports SERVING from startup until shutdown,
+/// whatever the database's state, for liveness probes: restarting a server
+/// because its database is down would drop the tokens it can still serve.
+pub const LIVENESS_SERVICE: &str = "stvault.liveness";
+
 /// Opens the configured store: sled in the data directory, or PostgreSQL.
 async fn open_store(config: &Config) -> Result<Store, StartupError> {
     match &config.storage {
@@ -261,6 +266,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::credential_vault_server::CredentialVaultServer<api::VaultService>>()
         .await;
+    health_reporter
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -341,6 +349,9 @@ pub async fn serve(
             .await;
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        health_reporter
+            .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stopping.send(true);
     };

@@ -114,7 +114,23 @@ async fn token_by_tenant(server: &Server, tenant_id: i64) -> pb::AccessToken {
         .into_inner()
 }
 
+async fn token_by_id(server: &Server, id: &str) -> Result<pb::AccessToken, tonic::Status> {
+    server
+        .client()
+        .await
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 async fn health(server: &Server) -> Option<i32> {
+    service_health(server, "stvault.v1.CredentialVault").await
+}
+
+async fn service_health(server: &Server, service: &str) -> Option<i32> {
     let channel = tonic::transport::Channel::from_shared(server.url())
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
@@ -123,7 +139,7 @@ async fn health(server: &Server) -> Option<i32> {
         .ok()?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let request = tonic_health::pb::HealthCheckRequest {
-        service: "stvault.v1.CredentialVault".into(),
+        service: service.into(),
     };
     let response = client.check(request).await.ok()?;
     Some(response.into_inner().status)
@@ -451,10 +467,20 @@ async fn health_follows_database() {
     let id = register(&server, TENANT).await;
     wait_for_health(&server, ServingStatus::Serving).await;
 
+    let cached = token_by_id(&server, &id).await.expect("token");
+
     cluster.stop();
     wait_for_health(&server, ServingStatus::NotServing).await;
     let unavailable = get(&server, &id).await.expect_err("database is down");
     assert_eq!(unavailable.code(), Code::Unavailable, "{unavailable:?}");
+    // Alive, so a liveness probe does not restart it, and still handing
+    // out the token it holds.
+    assert_eq!(
+        service_health(&server, stvault::LIVENESS_SERVICE).await,
+        Some(ServingStatus::Serving as i32)
+    );
+    let served = token_by_id(&server, &id).await.expect("cached token");
+    assert_eq!(served.access_token, cached.access_token);
 
     cluster.restart();
     wait_for_health(&server, ServingStatus::Serving).await;

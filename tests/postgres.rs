@@ -426,6 +426,98 @@ async fn changes_reach_the_other_replica_within_a_second() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn migrate_storage_copies_sled_into_postgres() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+
+    // A sled server with three connections, one of them rotated.
+    let work = tempfile::tempdir().unwrap();
+    let key_file = work.path().join("master.keys");
+    server::write_key_file(&key_file, &[&server::keygen()]);
+    let key_file = key_file.display().to_string();
+    let mut sled_server =
+        Server::start_with(&fake, &fake, &[("STVAULT_MASTER_KEY_FILE", &key_file)]).await;
+    let mut ids = Vec::new();
+    for tenant_id in TENANT..TENANT + 3 {
+        ids.push(register(&sled_server, tenant_id).await);
+    }
+    sled_server
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: ids[0].clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate");
+    let data_dir = sled_server.data_dir();
+    let from = format!("sled:{}", data_dir.display());
+
+    let mut env = HashMap::new();
+    env.insert("STVAULT_DATABASE_URL".to_owned(), url.clone());
+    // The source server still holds its directory.
+    let (code, output) = server::run_command(
+        &["migrate-storage", "--from", &from, "--to", "postgres"],
+        &env,
+    );
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("stop that server first"), "{output}");
+    assert_eq!(sled_server.terminate().code(), Some(0));
+
+    // A URL with a password on the command line is refused.
+    let (code, output) = server::run_command(
+        &[
+            "migrate-storage",
+            "--from",
+            &from,
+            "--to",
+            &format!("postgres:{url}"),
+        ],
+        &env,
+    );
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL_FILE"), "{output}");
+
+    let (code, output) = server::run_command(
+        &["migrate-storage", "--from", &from, "--to", "postgres"],
+        &env,
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("copied 3 connections and 1 master key check values"),
+        "{output}"
+    );
+    assert!(
+        !output.contains(SECRET_1) && !output.contains(SECRET_2),
+        "{output}"
+    );
+
+    // Again into the now full database: refused, nothing changed.
+    let (code, output) = server::run_command(
+        &["migrate-storage", "--from", &from, "--to", "postgres"],
+        &env,
+    );
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("already holds 3 connections"), "{output}");
+
+    // A server on PostgreSQL with the same master keys serves them all.
+    let pg_server =
+        Server::start_postgres(&fake, &url, &[("STVAULT_MASTER_KEY_FILE", &key_file)]).await;
+    let rotated = get(&pg_server, &ids[0]).await.expect("get");
+    assert_eq!(
+        states(&rotated),
+        vec![(1, State::Previous), (2, State::Current)]
+    );
+    for (tenant_id, id) in (TENANT..).zip(&ids) {
+        let token = token_by_tenant(&pg_server, tenant_id).await;
+        assert_eq!(&token.connection_id, id);
+        assert_eq!(token.app_key, APP_KEY);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn database_dump_holds_no_secrets() {
     let cluster = Postgres::start();
     let url = cluster.create_database("vault").await;

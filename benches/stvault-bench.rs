@@ -8,6 +8,11 @@
 
 #[path = "../tests/support/fake_servicetitan.rs"]
 mod fake_servicetitan;
+// The PostgreSQL harness names its certificate helpers as `super::certs`.
+#[path = "../tests/support/certs.rs"]
+mod certs;
+#[path = "../tests/support/postgres.rs"]
+mod postgres;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -26,7 +31,9 @@ use stvault::pb;
 use stvault::pb::credential_vault_client::CredentialVaultClient;
 use stvault::secret::SecretString;
 use stvault::servicetitan::{ClientConfig, Endpoints};
+use stvault::store::DatabaseSettings;
 use stvault::store::Store;
+use stvault::store::postgres::DatabaseUrl;
 use stvault::vault::{NewConnection, new_record};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -51,7 +58,12 @@ type VaultClient = CredentialVaultClient<Channel>;
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`. The argument `warm` stops after the
-    // warm GetAccessToken figures.
+    // warm GetAccessToken figures; `postgres` runs only the comparison of
+    // the two storage backends.
+    if std::env::args().any(|arg| arg == "postgres") {
+        compare_backends().await;
+        return;
+    }
     let fake = FakeServiceTitan::start().await;
     let work_dir = tempfile::tempdir().expect("a temporary directory can be created");
     let (_, key_text) = MasterKey::generate();
@@ -231,6 +243,95 @@ async fn main() {
         );
     }
     fake.shutdown();
+    compare_backends().await;
+}
+
+/// Warm GetAccessToken and durable registrations on a server backed by a
+/// throwaway PostgreSQL cluster on loopback, each as a ratio to a sled
+/// server measured in the same run.
+async fn compare_backends() {
+    const REGISTRATIONS: usize = 2_000;
+    println!("\n## PostgreSQL against sled\n");
+    let fake = FakeServiceTitan::start().await;
+    let work_dir = tempfile::tempdir().expect("a temporary directory can be created");
+    let (_, key_text) = MasterKey::generate();
+    let cluster = postgres::Postgres::start();
+    let url = DatabaseUrl {
+        text: SecretString::new(cluster.create_database("bench").await),
+        setting: "STVAULT_DATABASE_URL",
+    };
+    let settings = DatabaseSettings::parse(&url, None).expect("the cluster's URL parses");
+    let backends = [
+        ("sled", Storage::Sled),
+        ("postgres", Storage::Postgres(Box::new(settings))),
+    ];
+    let mut results = Vec::new();
+    for (name, storage) in backends {
+        let server = start_server_on(
+            &fake,
+            &work_dir.path().join(name),
+            &key_text,
+            SyncPolicy::Always,
+            storage,
+        )
+        .await;
+        let channels = connect_channels(server.addr).await;
+        let app = FakeApp::new(
+            format!("cid.backend.{name}"),
+            "cs1.backend",
+            7_000 + results.len() as i64,
+            "ak1.backend",
+        );
+        fake.add_app(app.clone());
+        let id = register(&client(&channels, 0), &app).await;
+        get_token(&client(&channels, 0), &id)
+            .await
+            .expect("the warm connection gets a token");
+        let token = measure(&channels, 64, move |channel| {
+            let id = id.clone();
+            async move { get_token(&VaultClient::new(channel), &id).await.is_ok() }
+        })
+        .await;
+        assert_eq!(token.failures, 0, "calls failed");
+
+        let apps: Vec<FakeApp> = (0..REGISTRATIONS)
+            .map(|i| {
+                FakeApp::new(
+                    format!("cid.backend.{name}.{i}"),
+                    format!("cs1.backend.{i}"),
+                    FIRST_TENANT + i as i64,
+                    format!("ak1.backend.{i}"),
+                )
+            })
+            .collect();
+        for app in &apps {
+            fake.add_app(app.clone());
+        }
+        let started = Instant::now();
+        let ids = register_all(&channels, &apps).await;
+        let registrations = ids.len() as f64 / started.elapsed().as_secs_f64();
+        results.push((name, token, registrations));
+        drop(channels);
+        server.stop().await;
+    }
+    println!(
+        "| backend | GetAccessToken calls/s (concurrency 64) | ratio to sled | p50 | p99 \
+         | RegisterConnection/s | ratio to sled |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let (sled_rate, sled_registrations) = (results[0].1.rate(), results[0].2);
+    for (name, token, registrations) in &results {
+        println!(
+            "| {name} | {:.0} | {:.2} | {} | {} | {:.0} | {:.2} |",
+            token.rate(),
+            token.rate() / sled_rate,
+            millis(token.percentile(0.50)),
+            millis(token.percentile(0.99)),
+            registrations,
+            registrations / sled_registrations,
+        );
+    }
+    fake.shutdown();
 }
 
 // === the server and its clients ===
@@ -253,6 +354,7 @@ fn config(
     data_dir: &Path,
     key_text: &SecretString,
     audit_sync: SyncPolicy,
+    storage: Storage,
 ) -> Config {
     let endpoints = Endpoints {
         token_url: fake.token_url().parse().expect("the fake's URL parses"),
@@ -261,7 +363,7 @@ fn config(
     Config {
         listen: "127.0.0.1:0".parse().expect("a valid address"),
         data_dir: data_dir.to_owned(),
-        storage: Storage::Sled,
+        storage,
         master_key: MasterKeySource::Environment(key_text.clone()),
         client: ClientConfig {
             production: endpoints.clone(),
@@ -291,7 +393,17 @@ async fn start_server(
     key_text: &SecretString,
     audit_sync: SyncPolicy,
 ) -> Server {
-    let opened = stvault::open(&config(fake, data_dir, key_text, audit_sync))
+    start_server_on(fake, data_dir, key_text, audit_sync, Storage::Sled).await
+}
+
+async fn start_server_on(
+    fake: &FakeServiceTitan,
+    data_dir: &Path,
+    key_text: &SecretString,
+    audit_sync: SyncPolicy,
+    storage: Storage,
+) -> Server {
+    let opened = stvault::open(&config(fake, data_dir, key_text, audit_sync, storage))
         .await
         .expect("stvault opens a new data directory");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

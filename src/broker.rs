@@ -319,6 +319,16 @@ impl Broker {
         entry.slot = None;
     }
 
+    /// Drops the cached tokens and credentials of every connection, as
+    /// `invalidate` does for one.
+    pub fn invalidate_all(&self) {
+        let mut entries = self.entries.lock().expect("broker lock is never poisoned");
+        for entry in entries.values_mut() {
+            entry.epoch += 1;
+            entry.slot = None;
+        }
+    }
+
     /// Returns a token with at least `min_valid_for` left (see
     /// `CachedToken::satisfies`), fetching one if needed.
     ///

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use futures::StreamExt;
 
 use crate::backup::{self, Backup};
 use crate::config::{self, MasterKeySource, Storage};
@@ -12,7 +13,7 @@ use crate::crypto::MasterKey;
 use crate::datadir;
 use crate::keyring::{self, Keyring};
 use crate::rewrap;
-use crate::store::{DatabaseSettings, Store};
+use crate::store::{ConnectionRecord, DatabaseSettings, Store, StoreError};
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 
@@ -85,6 +86,29 @@ pub struct BackupArgs {
     /// Storage of the server; backups work only on sled data directories.
     #[arg(long, env = "STVAULT_STORAGE", default_value = config::DEFAULT_STORAGE)]
     pub storage: String,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateStorageArgs {
+    /// Where the data is now: sled:DIR, the data directory of a stopped
+    /// server.
+    #[arg(long)]
+    pub from: String,
+
+    /// Where to copy it: postgres, an empty database named by
+    /// STVAULT_DATABASE_URL or STVAULT_DATABASE_URL_FILE as for `stvault
+    /// serve`. The URL is never taken from the command line, where other
+    /// users could read its password.
+    #[arg(long)]
+    pub to: String,
+
+    /// File containing the PostgreSQL URL, as for `stvault serve`.
+    #[arg(long, env = "STVAULT_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+
+    /// PEM CA certificates for the PostgreSQL server, as for `stvault serve`.
+    #[arg(long, env = "STVAULT_DATABASE_CA")]
+    pub database_ca: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -183,6 +207,95 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
         restored.connections,
         args.data_dir.display(),
         list_or_none(&restored.master_key_ids)
+    );
+    Ok(())
+}
+
+/// Copies every connection and master key check value of a stopped sled
+/// data directory into an empty PostgreSQL database, in one transaction, and
+/// reads each one back to compare. Records stay sealed: the database gets
+/// the same ciphertext, so the same master keys open it.
+pub async fn migrate_storage(args: MigrateStorageArgs) -> Result<(), String> {
+    let Some(dir) = args.from.strip_prefix("sled:").filter(|d| !d.is_empty()) else {
+        return Err("--from: expected sled:DIR, the data directory of a stopped server".into());
+    };
+    let dir = PathBuf::from(dir);
+    match args.to.as_str() {
+        "postgres" => {}
+        to if to.starts_with("postgres:") => {
+            return Err(
+                "--to: pass --to postgres and put the URL in STVAULT_DATABASE_URL or \
+                 STVAULT_DATABASE_URL_FILE; a URL on the command line, password included, is \
+                 visible to other users of the machine"
+                    .into(),
+            );
+        }
+        _ => return Err("--to: expected postgres".into()),
+    }
+    let Storage::Postgres(settings) = config::storage(
+        "postgres",
+        args.database_url_file.as_ref(),
+        args.database_ca.as_deref(),
+    )?
+    else {
+        unreachable!("postgres storage was asked for");
+    };
+
+    let (_lock, source) = open_existing(&dir)?;
+    let read_error = |e: StoreError| format!("cannot read {}: {e}", dir.display());
+    let check_values = source.check_values().await.map_err(read_error)?;
+    let records: Vec<ConnectionRecord> = source
+        .records()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .map_err(read_error)?;
+
+    let target = Store::connect_postgres(&settings)
+        .await
+        .map_err(|e| format!("cannot open the PostgreSQL database: {e}"))?;
+    let write_error = |e: StoreError| format!("cannot write {}: {e}", settings.target());
+    let existing = target.len().await.map_err(write_error)?;
+    if existing > 0 {
+        return Err(format!(
+            "{} already holds {existing} connections; migrate into an empty database",
+            settings.target()
+        ));
+    }
+    for (key_id, sealed) in &check_values {
+        target
+            .put_check_value(key_id, sealed)
+            .await
+            .map_err(write_error)?;
+    }
+    target.insert_batch(&records).await.map_err(write_error)?;
+
+    let copied = target.len().await.map_err(write_error)?;
+    if copied != records.len() {
+        return Err(format!(
+            "{} holds {copied} connections after the copy, not {}",
+            settings.target(),
+            records.len()
+        ));
+    }
+    for record in &records {
+        let stored = target.get(&record.id).await.map_err(write_error)?;
+        if stored.as_ref().map(crate::store::encode) != Some(crate::store::encode(record)) {
+            return Err(format!(
+                "connection {} reads back different from {}",
+                record.id,
+                dir.display()
+            ));
+        }
+    }
+    println!(
+        "copied {} connections and {} master key check values from {} to {}, and read each \
+         back; serve it with STVAULT_STORAGE=postgres and the same master keys",
+        records.len(),
+        check_values.len(),
+        dir.display(),
+        settings.target()
     );
     Ok(())
 }

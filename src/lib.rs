@@ -166,6 +166,11 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     })
 }
 
+/// Health service name that reports SERVING from startup until shutdown,
+/// whatever the database's state, for liveness probes: restarting a server
+/// because its database is down would not bring the database back.
+pub const LIVENESS_SERVICE: &str = "stvault.liveness";
+
 /// Opens the configured store: sled in the data directory, or PostgreSQL.
 async fn open_store(config: &Config) -> Result<Store, StartupError> {
     match &config.storage {
@@ -301,6 +306,9 @@ pub async fn serve(
     health_reporter
         .set_serving::<pb::credential_vault_server::CredentialVaultServer<api::VaultService>>()
         .await;
+    health_reporter
+        .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -351,6 +359,20 @@ pub async fn serve(
             stop_requested.clone(),
         ))
     });
+    // Rotations and deletions made through other servers drop what this
+    // one cached of the connection.
+    let changes = store.is_shared().then(|| {
+        let broker = opened.vault.broker().clone();
+        let store = store.clone();
+        let stopping = stop_requested.clone();
+        tokio::spawn(async move {
+            let on_change = |change: store::Change<'_>| match change {
+                store::Change::Connection(id) => broker.invalidate(id),
+                store::Change::Unknown => broker.invalidate_all(),
+            };
+            store.watch_changes(on_change, stopping).await;
+        })
+    });
     let checker = tokio::spawn(health::run(
         opened.vault.clone(),
         opened.health.clone(),
@@ -367,6 +389,9 @@ pub async fn serve(
             .await;
         health_reporter
             .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        health_reporter
+            .set_service_status(LIVENESS_SERVICE, tonic_health::ServingStatus::NotServing)
             .await;
         let _ = stopping.send(true);
     };
@@ -405,6 +430,9 @@ pub async fn serve(
     }
     checker.abort();
     if let Some(task) = readiness {
+        task.abort();
+    }
+    if let Some(task) = changes {
         task.abort();
     }
     if let Some(task) = metrics_task {

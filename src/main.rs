@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-use stvault::commands::{self, BackupArgs, RestoreArgs, RewrapArgs, StorageArgs};
+use stvault::commands::{
+    self, BackupArgs, MigrateStorageArgs, RestoreArgs, RewrapArgs, StorageArgs,
+};
 use stvault::config::{Config, ServeArgs, Storage};
 
 /// Exit code for invalid configuration (EX_CONFIG from sysexits.h).
@@ -57,6 +59,9 @@ enum Command {
     /// be removed. With sled it runs while the server is stopped; with
     /// PostgreSQL, servers may keep serving. Safe to interrupt and run again.
     Rewrap(RewrapArgs),
+    /// Copy the connections of a stopped sled data directory into an empty
+    /// PostgreSQL database.
+    MigrateStorage(MigrateStorageArgs),
     /// Write a backup file of a running server (or of a stopped data
     /// directory); secrets stay sealed under the master keys.
     Backup(BackupArgs),
@@ -117,6 +122,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Rewrap(args) => runtime.block_on(commands::rewrap(args)),
+        Command::MigrateStorage(args) => runtime.block_on(commands::migrate_storage(args)),
         Command::Backup(args) => runtime.block_on(commands::backup(args)),
         Command::Restore(args) => runtime.block_on(commands::restore(args)),
     };

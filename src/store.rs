@@ -24,7 +24,7 @@ pub mod postgres;
 mod sled_store;
 
 pub use maintenance::Snapshot;
-pub use postgres::DatabaseSettings;
+pub use postgres::{Change, DatabaseSettings};
 pub use sled_store::DB_DIR_NAME;
 
 pub use postgres::PostgresStore;
@@ -161,6 +161,19 @@ impl Store {
         match &self.backend {
             Backend::Sled(_) => "sled",
             Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// With PostgreSQL, calls `on_change` for each connection that any
+    /// server updates or deletes, until `stopping` turns true. With sled,
+    /// which has one writer, returns at once.
+    pub async fn watch_changes(
+        &self,
+        on_change: impl Fn(Change<'_>),
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if let Backend::Postgres(postgres) = &self.backend {
+            postgres.watch_changes(on_change, stopping).await;
         }
     }
 
@@ -404,7 +417,7 @@ impl Store {
     }
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records contain only JSON-representable fields")
 }
 

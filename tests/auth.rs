@@ -736,6 +736,63 @@ async fn sighup_reload_denies_removed_caller() {
     assert_eq!(token.code(), Code::NotFound, "{token:?}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn open_watch_ends_when_its_caller_is_removed() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ops = Key::new("ops");
+    let auditor = Key::new("auditor");
+    let both = format!(
+        "{}{}",
+        ops.entry(r#"["admin"]"#, None),
+        auditor.entry(r#"["admin"]"#, None)
+    );
+    let policy = write_policy(dir.path(), &both);
+    let server = Server::start_with(
+        &fake,
+        &fake,
+        &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut streams = Vec::new();
+    for key in [&ops, &auditor] {
+        let stream = client
+            .watch_connection_status(key.request(pb::WatchConnectionStatusRequest::default()))
+            .await
+            .expect("watch opens")
+            .into_inner();
+        streams.push(stream);
+    }
+    let mut auditor_stream = streams.pop().unwrap();
+    let mut ops_stream = streams.pop().unwrap();
+
+    write_policy(dir.path(), &ops.entry(r#"["admin"]"#, None));
+    assert!(server.reload_policy().await.contains("policy reloaded"));
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), auditor_stream.message())
+        .await
+        .expect("the removed caller's watch ends within the recheck interval")
+        .expect_err("it ends with the policy's denial");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+
+    // The remaining caller's watch stays open.
+    let still_open =
+        tokio::time::timeout(std::time::Duration::from_secs(2), ops_stream.message()).await;
+    assert!(
+        still_open.is_err(),
+        "the remaining watch must not end: {still_open:?}"
+    );
+
+    // Demoted to token: its watch ends with PERMISSION_DENIED.
+    write_policy(dir.path(), &ops.entry(r#"["token"]"#, Some("\"*\"")));
+    assert!(server.reload_policy().await.contains("policy reloaded"));
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), ops_stream.message())
+        .await
+        .expect("the demoted caller's watch ends")
+        .expect_err("it ends with the policy's denial");
+    assert_eq!(ended.code(), Code::PermissionDenied, "{ended:?}");
+}
+
 fn base_env(fake: &FakeServiceTitan, dir: &Path) -> HashMap<String, String> {
     let mut env = HashMap::new();
     env.insert(

@@ -115,7 +115,23 @@ async fn token_by_tenant(server: &Server, tenant_id: i64) -> pb::AccessToken {
         .into_inner()
 }
 
+async fn token_by_id(server: &Server, id: &str) -> Result<pb::AccessToken, tonic::Status> {
+    server
+        .client()
+        .await
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 async fn health(server: &Server) -> Option<i32> {
+    service_health(server, "stvault.v1.CredentialVault").await
+}
+
+async fn service_health(server: &Server, service: &str) -> Option<i32> {
     let channel = tonic::transport::Channel::from_shared(server.url())
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
@@ -124,7 +140,7 @@ async fn health(server: &Server) -> Option<i32> {
         .ok()?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let request = tonic_health::pb::HealthCheckRequest {
-        service: "stvault.v1.CredentialVault".into(),
+        service: service.into(),
     };
     let response = client.check(request).await.ok()?;
     Some(response.into_inner().status)
@@ -335,6 +351,173 @@ async fn replicas_share_one_database() {
     );
 }
 
+/// Polls `check` every 50 ms until it returns true, for at most `limit`,
+/// and returns how long that took.
+async fn within<F, Fut>(limit: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "not seen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn changes_reach_the_other_replica_within_a_second() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let first = Server::start_postgres(&fake, &url, &[]).await;
+    let second = first.start_replica().await;
+    let id = register(&first, TENANT).await;
+
+    // The second replica caches credentials and a token of version 1.
+    let token = token_by_tenant(&second, TENANT).await;
+    assert_eq!(token.credential_version, 1);
+    let requests = fake.token_requests();
+    assert_eq!(
+        token_by_tenant(&second, TENANT).await.access_token,
+        token.access_token
+    );
+    assert_eq!(fake.token_requests(), requests, "served from its cache");
+
+    first
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate through the first replica");
+    let took = within(Duration::from_secs(1), || async {
+        token_by_tenant(&second, TENANT).await.credential_version == 2
+    })
+    .await;
+    eprintln!("rotation seen by the other replica after {took:?}");
+
+    first
+        .client()
+        .await
+        .delete_connection(pb::DeleteConnectionRequest {
+            connection_id: id.clone(),
+        })
+        .await
+        .expect("delete through the first replica");
+    let took = within(Duration::from_secs(1), || async {
+        let call = second
+            .client()
+            .await
+            .get_access_token(pb::GetAccessTokenRequest {
+                connection_id: id.clone(),
+                ..Default::default()
+            })
+            .await;
+        matches!(call, Err(status) if status.code() == Code::NotFound)
+    })
+    .await;
+    eprintln!("deletion seen by the other replica after {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_storage_copies_sled_into_postgres() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+
+    // A sled server with three connections, one of them rotated.
+    let work = tempfile::tempdir().unwrap();
+    let key_file = work.path().join("master.keys");
+    server::write_key_file(&key_file, &[&server::keygen()]);
+    let key_file = key_file.display().to_string();
+    let mut sled_server =
+        Server::start_with(&fake, &fake, &[("STVAULT_MASTER_KEY_FILE", &key_file)]).await;
+    let mut ids = Vec::new();
+    for tenant_id in TENANT..TENANT + 3 {
+        ids.push(register(&sled_server, tenant_id).await);
+    }
+    sled_server
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: ids[0].clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate");
+    let data_dir = sled_server.data_dir();
+    let from = format!("sled:{}", data_dir.display());
+
+    let mut env = HashMap::new();
+    env.insert("STVAULT_DATABASE_URL".to_owned(), url.clone());
+    // The source server still holds its directory.
+    let (code, output) = server::run_command(
+        &["migrate-storage", "--from", &from, "--to", "postgres"],
+        &env,
+    );
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("stop that server first"), "{output}");
+    assert_eq!(sled_server.terminate().code(), Some(0));
+
+    // A URL with a password on the command line is refused.
+    let (code, output) = server::run_command(
+        &[
+            "migrate-storage",
+            "--from",
+            &from,
+            "--to",
+            &format!("postgres:{url}"),
+        ],
+        &env,
+    );
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL_FILE"), "{output}");
+
+    let (code, output) = server::run_command(
+        &["migrate-storage", "--from", &from, "--to", "postgres"],
+        &env,
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("copied 3 connections and 1 master key check values"),
+        "{output}"
+    );
+    assert!(
+        !output.contains(SECRET_1) && !output.contains(SECRET_2),
+        "{output}"
+    );
+
+    // Again into the now full database: refused, nothing changed.
+    let (code, output) = server::run_command(
+        &["migrate-storage", "--from", &from, "--to", "postgres"],
+        &env,
+    );
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("already holds 3 connections"), "{output}");
+
+    // A server on PostgreSQL with the same master keys serves them all.
+    let pg_server =
+        Server::start_postgres(&fake, &url, &[("STVAULT_MASTER_KEY_FILE", &key_file)]).await;
+    let rotated = get(&pg_server, &ids[0]).await.expect("get");
+    assert_eq!(
+        states(&rotated),
+        vec![(1, State::Previous), (2, State::Current)]
+    );
+    for (tenant_id, id) in (TENANT..).zip(&ids) {
+        let token = token_by_tenant(&pg_server, tenant_id).await;
+        assert_eq!(&token.connection_id, id);
+        assert_eq!(token.app_key, APP_KEY);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn database_dump_holds_no_secrets() {
     let cluster = Postgres::start();
@@ -377,15 +560,32 @@ async fn health_follows_database() {
     let id = register(&server, TENANT).await;
     wait_for_health(&server, ServingStatus::Serving).await;
 
+    // Cached from here on, so the token call below fails only for want of
+    // its audit event.
+    token_by_id(&server, &id).await.expect("token");
+
     cluster.stop();
     wait_for_health(&server, ServingStatus::NotServing).await;
     let unavailable = get(&server, &id).await.expect_err("database is down");
     assert_eq!(unavailable.code(), Code::Unavailable, "{unavailable:?}");
+    // Alive, so a liveness probe does not restart it. The cached token is
+    // not handed out, because its audit event cannot be written.
+    assert_eq!(
+        service_health(&server, stvault::LIVENESS_SERVICE).await,
+        Some(ServingStatus::Serving as i32)
+    );
+    let unaudited = token_by_id(&server, &id)
+        .await
+        .expect_err("a token without its audit event");
+    assert_eq!(unaudited.code(), Code::Unavailable, "{unaudited:?}");
 
     cluster.restart();
     wait_for_health(&server, ServingStatus::Serving).await;
     let connection = get(&server, &id).await.expect("get after recovery");
     assert_eq!(connection.tenant_id, TENANT);
+    token_by_id(&server, &id)
+        .await
+        .expect("token after recovery");
     register(&server, TENANT + 1).await;
 }
 
@@ -811,20 +1011,6 @@ async fn concurrent_rotations_keep_one_current_version() {
     );
 }
 
-async fn token_by_id(
-    server: &Server,
-    id: &str,
-) -> Result<tonic::Response<pb::AccessToken>, tonic::Status> {
-    server
-        .client()
-        .await
-        .get_access_token(pb::GetAccessTokenRequest {
-            connection_id: id.into(),
-            ..Default::default()
-        })
-        .await
-}
-
 /// Runs `stvault audit verify --storage postgres` on the database at `url`
 /// and returns its exit code and output.
 fn verify_audit(url: &str) -> (i32, String) {
@@ -1018,7 +1204,7 @@ async fn replicas_append_to_one_audit_chain() {
 
     // No secret, token or database password reached the audit table. The
     // token is the cached one that the calls above received.
-    let token = token_by_id(first, &id).await.expect("token").into_inner();
+    let token = token_by_id(first, &id).await.expect("token");
     let client = connect(&url).await;
     let rows = client
         .query("SELECT event FROM stvault_audit_events", &[])
@@ -1130,8 +1316,13 @@ async fn calls_fail_while_audit_database_is_down() {
 
     cluster.stop();
     let mut failed = Vec::new();
+    let mut client = server.client().await;
     for _ in 0..2 {
-        let result = token_by_id(&server, &id).await;
+        let request = pb::GetAccessTokenRequest {
+            connection_id: id.clone(),
+            ..Default::default()
+        };
+        let result = client.get_access_token(request).await;
         failed.push(request_id(&result));
         let status = result.expect_err("a call whose event cannot be written");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");

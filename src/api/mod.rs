@@ -495,7 +495,7 @@ impl CredentialVault for VaultService {
         self.observe(
             Rpc::WatchConnectionStatus,
             request,
-            |_, request| async move {
+            |caller, request| async move {
                 let request = request.into_inner();
                 let connection_id = match request.connection_id.as_str() {
                     "" => None,
@@ -518,7 +518,17 @@ impl CredentialVault for VaultService {
                     },
                 };
                 let (sender, receiver) = tokio::sync::mpsc::channel(watch::WATCH_BUFFER);
-                watch::start(&self.vault, filter, request.send_current_state, sender).await?;
+                let auth = self.auth.clone();
+                let recheck: watch::Recheck =
+                    Box::new(move || auth.recheck(&caller, Rpc::WatchConnectionStatus));
+                watch::start(
+                    &self.vault,
+                    filter,
+                    request.send_current_state,
+                    sender,
+                    recheck,
+                )
+                .await?;
                 let stream: StatusStream =
                     Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver));
                 Ok(Response::new(stream))

@@ -3,6 +3,7 @@
 //! server shuts down.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -37,6 +38,14 @@ impl StatusFilter {
 
 pub type EventSender = mpsc::Sender<Result<pb::ConnectionStatusEvent, Status>>;
 
+/// Checks that the watcher is still allowed to watch under the policy in
+/// force.
+pub type Recheck = Box<dyn Fn() -> Result<(), Status> + Send + Sync>;
+
+/// How often an open watch checks its caller against the policy, besides
+/// before each event.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Starts forwarding to `sender`. Subscribes before reading the current
 /// states, so no change between the two is lost.
 pub async fn start(
@@ -44,6 +53,7 @@ pub async fn start(
     filter: StatusFilter,
     send_current_state: bool,
     sender: EventSender,
+    recheck: Recheck,
 ) -> Result<(), Status> {
     let events = vault.subscribe_status();
     let mut current = Vec::new();
@@ -65,17 +75,52 @@ pub async fn start(
             }
         }
     }
-    tokio::spawn(forward(events, current, filter, vault.stopping(), sender));
+    let watcher = Watcher {
+        filter,
+        stopping: vault.stopping(),
+        sender,
+        recheck,
+    };
+    tokio::spawn(forward(events, current, watcher));
     Ok(())
+}
+
+/// One open watch.
+struct Watcher {
+    filter: StatusFilter,
+    stopping: watch::Receiver<bool>,
+    sender: EventSender,
+    recheck: Recheck,
+}
+
+impl Watcher {
+    /// Ends the watch with the policy's denial if its caller may no longer
+    /// watch; returns whether it did.
+    async fn denied(&self) -> bool {
+        match (self.recheck)() {
+            Ok(()) => false,
+            Err(status) => {
+                let _ = self.sender.send(Err(status)).await;
+                true
+            }
+        }
+    }
 }
 
 async fn forward(
     mut events: broadcast::Receiver<StatusEvent>,
     current: Vec<StatusEvent>,
-    filter: StatusFilter,
-    mut stopping: watch::Receiver<bool>,
-    sender: EventSender,
+    watcher: Watcher,
 ) {
+    let Watcher {
+        filter,
+        stopping,
+        sender,
+        ..
+    } = &watcher;
+    let mut stopping = stopping.clone();
+    let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The state last sent per connection, so a change already reported by
     // the current-state events is not sent again.
     let mut last_sent: HashMap<String, HealthState> = HashMap::new();
@@ -92,6 +137,12 @@ async fn forward(
     loop {
         let received = tokio::select! {
             received = events.recv() => received,
+            _ = recheck.tick() => {
+                if watcher.denied().await {
+                    return;
+                }
+                continue;
+            }
             () = sender.closed() => return,
             () = stopped(&mut stopping) => {
                 let status = Status::unavailable("stvault is shutting down; watch again");
@@ -115,6 +166,9 @@ async fn forward(
         }
         if last_sent.get(&event.connection_id) == Some(&event.health.state) {
             continue;
+        }
+        if watcher.denied().await {
+            return;
         }
         last_sent.insert(event.connection_id.clone(), event.health.state);
         if sender

@@ -124,12 +124,26 @@ enum Grant {
 }
 
 /// The authenticated caller of one request.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Caller {
     /// Certificate identity, policy name of a key caller, or `anonymous`.
     pub identity: String,
     pub method: AuthMethod,
     grant: Grant,
+    /// The SHA-256 of the bearer key presented, to find the caller again in
+    /// a reloaded policy.
+    key_hash: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Caller {
+    // Leaves out the key hash.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("identity", &self.identity)
+            .field("method", &self.method)
+            .field("grant", &self.grant)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Caller {
@@ -264,6 +278,31 @@ impl Authenticator {
         Ok(callers)
     }
 
+    /// Checks a caller authenticated earlier against the policy in force
+    /// now, for requests that outlive a policy reload, such as status
+    /// watches. A caller the policy no longer names is UNAUTHENTICATED; one
+    /// that lost the role for `rpc` is PERMISSION_DENIED.
+    pub fn recheck(&self, caller: &Caller, rpc: Rpc) -> Result<(), Status> {
+        let Some(policy) = self.policy() else {
+            return caller.authorize(rpc);
+        };
+        let entry = match (caller.method, &caller.key_hash) {
+            (AuthMethod::BearerKey, Some(hash)) => policy.by_key_hash(hash),
+            (AuthMethod::Certificate, _) => policy.by_certificate(&caller.identity),
+            _ => None,
+        };
+        let Some(entry) = entry else {
+            return Err(Status::unauthenticated(
+                "the caller was removed from the policy; this stream has ended",
+            ));
+        };
+        let current = Caller {
+            grant: Grant::Entry(entry.clone()),
+            ..caller.clone()
+        };
+        current.authorize(rpc)
+    }
+
     /// Identifies the caller of a request. A bearer key, when present,
     /// takes precedence over a client certificate.
     pub fn authenticate(&self, presented: &Presented<'_>) -> Result<Caller, Unauthenticated> {
@@ -284,6 +323,7 @@ impl Authenticator {
                 identity: certificate.unwrap_or_else(|| ANONYMOUS.to_owned()),
                 method: AuthMethod::None,
                 grant: Grant::Everything,
+                key_hash: None,
             });
         };
 
@@ -303,6 +343,7 @@ impl Authenticator {
                     identity: entry.identity.clone(),
                     method: AuthMethod::BearerKey,
                     grant: Grant::Entry(entry.clone()),
+                    key_hash: Some(hash),
                 }),
                 None => Err(rejected("the bearer key is not recognised")),
             };
@@ -317,6 +358,7 @@ impl Authenticator {
                 identity,
                 method: AuthMethod::Certificate,
                 grant,
+                key_hash: None,
             });
         }
         Err(Unauthenticated {

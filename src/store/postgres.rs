@@ -16,8 +16,11 @@ use super::{ConnectionRecord, StoreError, decode, encode};
 use crate::crypto::Sealed;
 use crate::model::Environment;
 
+mod changes;
 mod schema;
 mod settings;
+
+pub use changes::{CHANGES_CHANNEL, Change};
 
 pub use settings::{
     DatabaseSettings, DatabaseUrl, ENV_DATABASE_CA, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE,
@@ -37,6 +40,13 @@ pub struct PostgresStore {
     pool: Pool,
     /// The database without its password, for errors.
     target: Arc<str>,
+    /// For the connection that listens for changes, outside the pool.
+    listener: Arc<ListenerSettings>,
+}
+
+struct ListenerSettings {
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
 }
 
 impl PostgresStore {
@@ -57,7 +67,7 @@ impl PostgresStore {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = Manager::from_config(settings.config.clone(), tls, manager_config);
+        let manager = Manager::from_config(settings.config.clone(), tls.clone(), manager_config);
         let pool = Pool::builder(manager)
             .max_size(MAX_CONNECTIONS)
             .runtime(Runtime::Tokio1)
@@ -68,7 +78,14 @@ impl PostgresStore {
             .map_err(|e| {
                 StoreError::Database(format!("{target}: cannot build the connection pool: {e}"))
             })?;
-        Ok(Self { pool, target })
+        Ok(Self {
+            pool,
+            target,
+            listener: Arc::new(ListenerSettings {
+                config: settings.config.clone(),
+                tls,
+            }),
+        })
     }
 
     /// Returns a pooled connection.
@@ -207,17 +224,21 @@ impl PostgresStore {
         next: &ConnectionRecord,
     ) -> Result<(), StoreError> {
         let client = self.client().await?;
+        // The notification is sent when the update commits, so the other
+        // servers drop what they cached of the connection.
         let statement = client
-            .prepare_cached(
-                "UPDATE stvault_connections SET record = $2 WHERE id = $1 AND record = $3",
-            )
+            .prepare_cached(&format!(
+                "WITH updated AS (UPDATE stvault_connections SET record = $2 \
+                 WHERE id = $1 AND record = $3 RETURNING id) \
+                 SELECT pg_notify('{CHANGES_CHANNEL}', id) FROM updated"
+            ))
             .await
             .map_err(|e| self.error(e))?;
         let updated = client
-            .execute(&statement, &[&next.id, &encode(next), &previous_bytes])
+            .query(&statement, &[&next.id, &encode(next), &previous_bytes])
             .await
             .map_err(|e| self.error(e))?;
-        if updated == 0 {
+        if updated.is_empty() {
             return Err(StoreError::Conflict(next.id.clone()));
         }
         Ok(())
@@ -228,7 +249,11 @@ impl PostgresStore {
         let client = self.client().await?;
         let row = client
             .query_opt(
-                "DELETE FROM stvault_connections WHERE id = $1 RETURNING record",
+                &format!(
+                    "WITH deleted AS (DELETE FROM stvault_connections WHERE id = $1 \
+                     RETURNING id, record) \
+                     SELECT record, pg_notify('{CHANGES_CHANNEL}', id) FROM deleted"
+                ),
                 &[&id],
             )
             .await

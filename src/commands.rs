@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use futures::StreamExt;
 
+use crate::audit;
 use crate::backup::{self, Backup};
 use crate::config::{self, MasterKeySource, Storage};
 use crate::crypto::MasterKey;
@@ -251,6 +252,20 @@ pub async fn migrate_storage(args: MigrateStorageArgs) -> Result<(), String> {
         .into_iter()
         .collect::<Result<_, _>>()
         .map_err(read_error)?;
+    // The audit trail is copied only if its chain holds, and then byte for
+    // byte, so every event keeps its hash.
+    let (trail, events) = match audit::read_verified_lines(&dir) {
+        Ok(read) => read,
+        Err(audit::VerifyError::Missing { .. }) => (
+            audit::Verified {
+                events: 0,
+                head_hash: audit::GENESIS_HASH.to_owned(),
+                incomplete_tail: false,
+            },
+            Vec::new(),
+        ),
+        Err(e) => return Err(format!("the audit trail of {}: {e}", dir.display())),
+    };
 
     let target = Store::connect_postgres(&settings)
         .await
@@ -263,6 +278,14 @@ pub async fn migrate_storage(args: MigrateStorageArgs) -> Result<(), String> {
             settings.target()
         ));
     }
+    let postgres = target
+        .postgres()
+        .expect("a store opened with connect_postgres is on PostgreSQL");
+    // First, so that a database whose trail is not empty is refused before
+    // anything is written.
+    let head = audit::import_into_postgres(postgres, &events)
+        .await
+        .map_err(write_error)?;
     for (key_id, sealed) in &check_values {
         target
             .put_check_value(key_id, sealed)
@@ -270,6 +293,18 @@ pub async fn migrate_storage(args: MigrateStorageArgs) -> Result<(), String> {
             .map_err(write_error)?;
     }
     target.insert_batch(&records).await.map_err(write_error)?;
+
+    let copied_trail = audit::verify_database(&settings)
+        .await
+        .map_err(|e| format!("the copied audit trail: {e}"))?;
+    if (copied_trail.events, &copied_trail.head_hash) != (trail.events, &trail.head_hash)
+        || head.hash != trail.head_hash
+    {
+        return Err(format!(
+            "the copied audit trail holds {} events ending in {}, not {} ending in {}",
+            copied_trail.events, copied_trail.head_hash, trail.events, trail.head_hash
+        ));
+    }
 
     let copied = target.len().await.map_err(write_error)?;
     if copied != records.len() {
@@ -290,10 +325,12 @@ pub async fn migrate_storage(args: MigrateStorageArgs) -> Result<(), String> {
         }
     }
     println!(
-        "copied {} connections and {} master key check values from {} to {}, and read each \
-         back; serve it with STVAULT_STORAGE=postgres and the same master keys",
+        "copied {} connections, {} master key check values and {} audit events from {} to {}, \
+         read each connection back and verified the audit chain; serve it with \
+         STVAULT_STORAGE=postgres and the same master keys",
         records.len(),
         check_values.len(),
+        trail.events,
         dir.display(),
         settings.target()
     );

@@ -481,15 +481,31 @@ async fn migrate_storage_copies_sled_into_postgres() {
     assert_ne!(code, 0, "{output}");
     assert!(output.contains("STVAULT_DATABASE_URL_FILE"), "{output}");
 
+    // The sled trail: 3 registrations and a rotation.
+    let data_dir_text = data_dir.display().to_string();
+    let (code, sled_trail) = server::run_command(
+        &["audit", "verify", "--data-dir", &data_dir_text],
+        &HashMap::new(),
+    );
+    assert_eq!(code, 0, "{sled_trail}");
+    assert!(
+        sled_trail.contains("audit chain intact: 4 events"),
+        "{sled_trail}"
+    );
+
     let (code, output) = server::run_command(
         &["migrate-storage", "--from", &from, "--to", "postgres"],
         &env,
     );
     assert_eq!(code, 0, "{output}");
     assert!(
-        output.contains("copied 3 connections and 1 master key check values"),
+        output.contains("copied 3 connections, 1 master key check values and 4 audit events"),
         "{output}"
     );
+    // The same chain, event for event, now in the database.
+    let (code, copied_trail) = verify_audit(&url);
+    assert_eq!(code, 0, "{copied_trail}");
+    assert_eq!(copied_trail.trim(), sled_trail.trim());
     assert!(
         !output.contains(SECRET_1) && !output.contains(SECRET_2),
         "{output}"
@@ -516,6 +532,10 @@ async fn migrate_storage_copies_sled_into_postgres() {
         assert_eq!(&token.connection_id, id);
         assert_eq!(token.app_key, APP_KEY);
     }
+    // Its calls continue the copied chain: 1 get and 3 token calls.
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("audit chain intact: 8 events"), "{output}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -29,6 +29,32 @@ pub use file::{EVENTS_FILE, HEAD_FILE, SyncPolicy};
 pub use legacy::import_legacy;
 pub use postgres::verify_database;
 
+/// Reads the events of the trail file in `dir` as stored, oldest first,
+/// after checking its chain, and returns them with the verified chain.
+pub fn read_verified_lines(dir: &Path) -> Result<(Verified, Vec<Vec<u8>>), VerifyError> {
+    let verified = verify_data_dir(dir)?;
+    let file = std::fs::File::open(file::events_path(dir))?;
+    let mut lines = Vec::new();
+    file::scan_lines(&file, 0, 1, |sequence, _, line| {
+        lines.push(line.to_vec());
+        Ok(sequence < verified.events)
+    })
+    .map_err(|e| match e {
+        AuditError::Io(e) => VerifyError::Read(e),
+        other => VerifyError::Read(std::io::Error::other(other.to_string())),
+    })?;
+    Ok((verified, lines))
+}
+
+/// Copies `lines` (from `read_verified_lines`) into the empty audit trail
+/// of a PostgreSQL store and returns its new head.
+pub async fn import_into_postgres(
+    store: &PostgresStore,
+    lines: &[Vec<u8>],
+) -> Result<Head, crate::store::StoreError> {
+    PostgresTrail::new(store.clone()).import(lines).await
+}
+
 /// `previous_hash` of the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 

@@ -90,6 +90,48 @@ impl PostgresTrail {
         head_of(store, &row)
     }
 
+    /// Copies events of another trail, byte for byte and in order, into
+    /// this one, which must be empty, in one transaction. Returns the new
+    /// head. Each line must be one stored event, numbered from 1.
+    pub async fn import(&self, lines: &[Vec<u8>]) -> Result<Head, StoreError> {
+        let store = &self.shared.store;
+        let error = |e| store.error(e);
+        let mut client = store.client().await?;
+        let transaction = client.transaction().await.map_err(error)?;
+        let row = transaction.query_one(LOCK_HEAD, &[]).await.map_err(error)?;
+        let head = head_of(store, &row)?;
+        if head.sequence != 0 {
+            return Err(StoreError::Database(format!(
+                "{}: the audit trail already holds {} events; migrate into an empty database",
+                store.target(),
+                head.sequence
+            )));
+        }
+        let mut head = head;
+        let mut sequences = Vec::with_capacity(lines.len());
+        let mut hashes = Vec::with_capacity(lines.len());
+        for line in lines {
+            head = Head {
+                sequence: head.sequence + 1,
+                hash: hash_hex(line),
+            };
+            sequences.push(to_column(head.sequence));
+            hashes.push(head.hash.clone());
+        }
+        let insert_params: [&(dyn ToSql + Sync); 3] = [&sequences, &lines, &hashes];
+        transaction
+            .execute(INSERT_EVENTS, &insert_params)
+            .await
+            .map_err(error)?;
+        let head_sequence = to_column(head.sequence);
+        transaction
+            .execute(UPDATE_HEAD, &[&head_sequence, &head.hash])
+            .await
+            .map_err(error)?;
+        transaction.commit().await.map_err(error)?;
+        Ok(head)
+    }
+
     /// Appends an event and returns once its transaction has committed.
     pub async fn append(&self, draft: EventDraft) -> Result<StoredEvent, AuditError> {
         let (reply, outcome) = oneshot::channel();

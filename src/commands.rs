@@ -91,12 +91,11 @@ pub struct BackupArgs {
 
 #[derive(Args, Debug)]
 pub struct MigrateStorageArgs {
-    /// Where the data is now: sled:DIR, the data directory of a stopped
-    /// server.
+    /// Source: sled:DIR, the data directory of a stopped server.
     #[arg(long)]
     pub from: String,
 
-    /// Where to copy it: postgres, an empty database named by
+    /// Target: postgres, an empty database named by
     /// STVAULT_DATABASE_URL or STVAULT_DATABASE_URL_FILE as for `stvault
     /// serve`. The URL is never taken from the command line, where other
     /// users could read its password.
@@ -212,9 +211,9 @@ pub async fn restore(args: RestoreArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Copies every connection and master key check value of a stopped sled
-/// data directory into an empty PostgreSQL database, in one transaction, and
-/// reads each one back to compare. Records stay sealed: the database gets
+/// Copies every connection, master key check value and audit event of a
+/// stopped sled data directory into an empty PostgreSQL database, then reads
+/// each connection back and verifies the copied audit chain. Records stay sealed: the database gets
 /// the same ciphertext, so the same master keys open it.
 pub async fn migrate_storage(args: MigrateStorageArgs) -> Result<(), String> {
     let Some(dir) = args.from.strip_prefix("sled:").filter(|d| !d.is_empty()) else {

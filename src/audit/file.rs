@@ -1,6 +1,6 @@
 //! The on-disk form of the audit trail and how appends reach it.
 //!
-//! Events are JSON lines in `audit.jsonl`, oldest first; line N holds event
+//! Events are JSON lines in `audit.jsonl`, oldest first; line N contains event
 //! N. Appending is a group commit run by the callers themselves: the first
 //! caller to find no write in progress becomes the leader, writes every
 //! event queued so far in one `write`, syncs it (`fdatasync`) and wakes the
@@ -157,7 +157,7 @@ pub struct Queued {
     lead: bool,
 }
 
-/// What a queued event's caller learns from the state.
+/// Outcome of a queued event, as its caller reads it from the state.
 enum Outcome {
     Written,
     Failed(String),

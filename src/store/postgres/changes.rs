@@ -1,8 +1,8 @@
 //! Change notifications between servers that share a database. Every update
 //! or deletion of a connection sends its id on `CHANGES_CHANNEL` when it
-//! commits (`pg_notify` in the same statement), and every server listens on
-//! its own connection, so a rotation or deletion made through one server
-//! drops the cached credentials and tokens of the others.
+//! commits (`pg_notify` in the same statement). Every server listens on a
+//! connection of its own. A rotation or deletion made through one server
+//! therefore drops the cached credentials and tokens of the others.
 
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ pub const CHANGES_CHANNEL: &str = "stvault_connections";
 /// Wait before connecting again after the listening connection is lost.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
-/// What changed: one connection, or anything (after the listening
+/// A change: to one connection, or to anything (after the listening
 /// connection was lost, when notifications may have been missed).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Change<'a> {

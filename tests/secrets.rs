@@ -196,7 +196,7 @@ async fn sentinel_secrets_never_leak() {
 /// Rewrites one stored record with `edit`, on a stopped server's data
 /// directory.
 fn edit_record(data_dir: &Path, id: &str, edit: impl FnOnce(&mut serde_json::Value)) {
-    let db = sled::open(data_dir.join("db")).expect("open the stopped server's database");
+    let db = open_stopped_db(data_dir);
     let tree = db.open_tree("connections").unwrap();
     let mut record: serde_json::Value =
         serde_json::from_slice(&tree.get(id).unwrap().unwrap()).unwrap();
@@ -206,8 +206,25 @@ fn edit_record(data_dir: &Path, id: &str, edit: impl FnOnce(&mut serde_json::Val
     db.flush().unwrap();
 }
 
+/// Opens a stopped server's database. A `sled::Db` dropped just before by
+/// this process can hold the file lock a moment longer, while sled's own
+/// threads finish, so a held lock is retried for up to two seconds.
+fn open_stopped_db(data_dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::open(data_dir.join("db")) {
+            Ok(db) => return db,
+            Err(error) if std::time::Instant::now() < deadline => {
+                eprintln!("retrying the database lock: {error}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(error) => panic!("open the stopped server's database: {error}"),
+        }
+    }
+}
+
 fn read_record(data_dir: &Path, id: &str) -> serde_json::Value {
-    let db = sled::open(data_dir.join("db")).expect("open the stopped server's database");
+    let db = open_stopped_db(data_dir);
     let tree = db.open_tree("connections").unwrap();
     serde_json::from_slice(&tree.get(id).unwrap().unwrap()).unwrap()
 }

@@ -273,7 +273,7 @@ pub async fn migrate_storage(args: MigrateStorageArgs) -> Result<(), String> {
     let existing = target.len().await.map_err(write_error)?;
     if existing > 0 {
         return Err(format!(
-            "{} already holds {existing} connections; migrate into an empty database",
+            "{} already contains {existing} connections; migrate into an empty database",
             settings.target()
         ));
     }

@@ -133,9 +133,9 @@ pub struct ServeArgs {
     #[arg(long, env = "STVAULT_HEALTH_LISTEN")]
     pub health_listen: Option<String>,
 
-    /// When audit events reach the disk: "always" syncs each event before
-    /// its call returns (calls in flight share a sync); a duration such as
-    /// "10ms" writes each event before its call returns and syncs within
+    /// When audit events reach the disk. "always" syncs each event before
+    /// its call returns, and calls in flight share a sync. A duration such
+    /// as "10ms" writes each event before its call returns and syncs within
     /// that time, so a power loss can lose that much of the trail. With
     /// PostgreSQL storage each event is committed before its call returns,
     /// and this setting does not apply.

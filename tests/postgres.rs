@@ -458,7 +458,7 @@ async fn migrate_storage_copies_sled_into_postgres() {
 
     let mut env = HashMap::new();
     env.insert("STVAULT_DATABASE_URL".to_owned(), url.clone());
-    // The source server still holds its directory.
+    // The source server still has its directory locked.
     let (code, output) = server::run_command(
         &["migrate-storage", "--from", &from, "--to", "postgres"],
         &env,
@@ -517,7 +517,10 @@ async fn migrate_storage_copies_sled_into_postgres() {
         &env,
     );
     assert_ne!(code, 0, "{output}");
-    assert!(output.contains("already holds 3 connections"), "{output}");
+    assert!(
+        output.contains("already contains 3 connections"),
+        "{output}"
+    );
 
     // A server on PostgreSQL with the same master keys serves them all.
     let pg_server =

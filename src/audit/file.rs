@@ -1,10 +1,10 @@
 //! The on-disk form of the audit trail and how appends reach it.
 //!
 //! Events are JSON lines in `audit.jsonl`, oldest first; line N contains event
-//! N. Appending is a group commit run by the callers themselves: the first
-//! caller to find no write in progress becomes the leader, writes every
+//! N. Appending is a group commit run by the callers themselves. The first
+//! caller to find no write in progress becomes the leader: it writes every
 //! event queued so far in one `write`, syncs it (`fdatasync`) and wakes the
-//! callers whose events it covered; the rest wait. Doing the I/O in a
+//! callers whose events it covered. The others wait. Doing the I/O in a
 //! caller's task, not in a writer thread, matters on a busy machine: a
 //! thread that sleeps between batches waits for the scheduler each time it
 //! wakes, and every caller waits with it.
@@ -115,9 +115,9 @@ pub enum SyncPolicy {
     #[default]
     Always,
     /// Each event is written to the file before its call returns, so it
-    /// survives the process being killed, and synced within the interval by
-    /// a background thread, so a power loss or kernel crash can lose that
-    /// much of the trail.
+    /// survives the process being killed. A background thread syncs the file
+    /// every interval, so a power loss or kernel crash can lose that much of
+    /// the trail.
     Within(Duration),
 }
 
@@ -238,7 +238,7 @@ impl TrailFile {
         })?;
         if incomplete {
             // Only a write interrupted by a crash leaves a line without its
-            // newline; no caller was told that event was stored.
+            // newline, and no call that wrote it returned success.
             tracing::warn!(
                 file = %path.display(),
                 offset = end,

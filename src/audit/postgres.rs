@@ -102,7 +102,7 @@ impl PostgresTrail {
         let head = head_of(store, &row)?;
         if head.sequence != 0 {
             return Err(StoreError::Database(format!(
-                "{}: the audit trail already holds {} events; migrate into an empty database",
+                "{}: the audit trail already contains {} events; migrate into an empty database",
                 store.target(),
                 head.sequence
             )));

@@ -16,6 +16,11 @@ use rand::Rng;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
+mod shared;
+
+pub use shared::SharedTokens;
+
+use crate::crypto::DataKey;
 use crate::model::Environment;
 use crate::secret::SecretString;
 use crate::servicetitan::{IssuedToken, ServiceTitanClient, TokenClaims, TokenError, TokenRequest};
@@ -48,7 +53,16 @@ impl TokenSource for ServiceTitanClient {
         credentials: &'a Credentials,
     ) -> BoxFuture<'a, Result<IssuedToken, TokenError>> {
         Box::pin(async move {
-            ServiceTitanClient::request_token(self, &credentials.token_request()).await
+            let started = Instant::now();
+            let result =
+                ServiceTitanClient::request_token(self, &credentials.token_request()).await;
+            crate::metrics::record_upstream_token(
+                credentials.environment,
+                credentials.tenant_id,
+                &result,
+                started.elapsed(),
+            );
+            result
         })
     }
 }
@@ -65,6 +79,10 @@ pub struct Credentials {
     pub app_key: SecretString,
     /// Enterprise Hub credentials name the tenant in the token request.
     pub enterprise_hub: bool,
+    /// The connection's data key, which seals the tokens that replicas
+    /// share through the database. `None` for credentials that are only
+    /// verified, never cached.
+    pub token_key: Option<DataKey>,
 }
 
 impl Credentials {
@@ -433,12 +451,6 @@ impl Broker {
         let requested_wall = SystemTime::now();
         let result = self.source.request_token(credentials).await;
 
-        crate::metrics::record_upstream_token(
-            credentials.environment,
-            credentials.tenant_id,
-            &result,
-            requested.elapsed(),
-        );
         let connection_id = &credentials.connection_id;
         match &result {
             Ok(issued) => tracing::debug!(

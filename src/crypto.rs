@@ -119,6 +119,10 @@ fn wrap_aad(connection_id: &str, key_id: &str) -> Vec<u8> {
     format!("stvault.v1\0data-key\0{connection_id}\0{key_id}").into_bytes()
 }
 
+fn token_aad(connection_id: &str, version: u32) -> Vec<u8> {
+    format!("stvault.v1\0token\0{connection_id}\0{version}").into_bytes()
+}
+
 fn field_aad(connection_id: &str, field: &str, version: u32) -> Vec<u8> {
     format!("stvault.v1\0field\0{connection_id}\0{field}\0{version}").into_bytes()
 }
@@ -161,6 +165,25 @@ impl DataKey {
         let text = std::str::from_utf8(raw.expose()).map_err(|_| IntegrityError)?;
         Ok(SecretString::new(text.to_owned()))
     }
+
+    /// Seals an access token issued for one credential version of a
+    /// connection, for replicas that share tokens through the database.
+    pub fn seal_token(&self, connection_id: &str, version: u32, token: &SecretString) -> Sealed {
+        let aad = token_aad(connection_id, version);
+        seal_with(&self.cipher(), token.expose().as_bytes(), &aad)
+    }
+
+    pub fn open_token(
+        &self,
+        connection_id: &str,
+        version: u32,
+        sealed: &Sealed,
+    ) -> Result<SecretString, IntegrityError> {
+        let aad = token_aad(connection_id, version);
+        let raw = open_with(&self.cipher(), sealed, &aad)?;
+        let text = std::str::from_utf8(raw.expose()).map_err(|_| IntegrityError)?;
+        Ok(SecretString::new(text.to_owned()))
+    }
 }
 
 impl std::fmt::Debug for DataKey {
@@ -174,6 +197,17 @@ impl std::fmt::Debug for DataKey {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Sealed(#[serde(with = "base64_bytes")] Vec<u8>);
+
+impl Sealed {
+    /// Wraps bytes read back from storage; `open` checks them.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 impl std::fmt::Debug for Sealed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -254,6 +288,24 @@ mod tests {
         assert!(key.open("c2", "client_secret", 1, &sealed).is_err());
         assert!(key.open("c1", "app_key", 1, &sealed).is_err());
         assert!(key.open("c1", "client_secret", 2, &sealed).is_err());
+    }
+
+    #[test]
+    fn token_bound_to_connection_and_version_and_apart_from_fields() {
+        let key = DataKey::generate();
+        let sealed = key.seal_token("c1", 3, &secret("eyJ.token"));
+        assert_eq!(
+            key.open_token("c1", 3, &sealed).unwrap().expose(),
+            "eyJ.token"
+        );
+        assert!(key.open_token("c2", 3, &sealed).is_err());
+        assert!(key.open_token("c1", 4, &sealed).is_err());
+        assert!(
+            key.open_token("c1", 3, &Sealed::from_bytes(vec![1; 40]))
+                .is_err()
+        );
+        let field = key.seal("c1", "client_secret", 3, &secret("cs1.value"));
+        assert!(key.open_token("c1", 3, &field).is_err());
     }
 
     #[test]

@@ -139,7 +139,22 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
 
     let client =
         servicetitan::ServiceTitanClient::new(config.client.clone()).map_err(StartupError)?;
-    let broker = Arc::new(broker::Broker::new(client, config.broker.clone()));
+    let broker = match store.postgres() {
+        Some(postgres) => {
+            let shared = broker::SharedTokens::new(
+                postgres.clone(),
+                Arc::new(client.clone()),
+                config.client.request_timeout,
+            );
+            tracing::info!(
+                lease.owner = shared.owner(),
+                "sharing tokens with other replicas"
+            );
+            broker::Broker::with_token_source(client, Arc::new(shared), config.broker.clone())
+        }
+        None => broker::Broker::new(client, config.broker.clone()),
+    };
+    let broker = Arc::new(broker);
     let vault = Arc::new(vault::Vault::new(store, broker, keyring));
     let stale_age = if vault.store().is_shared() {
         SHARED_STALE_PENDING_AGE

@@ -93,6 +93,7 @@ struct Metrics {
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: HistogramFamily<MethodLabels>,
     token_cache: Family<CacheLabels, Counter>,
+    shared_token_claims: Family<CacheLabels, Counter>,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_duration: HistogramFamily<EnvironmentLabels>,
     connections: Family<ConnectionLabels, Gauge>,
@@ -126,6 +127,16 @@ impl Metrics {
             "stvault_token_cache_requests",
             "Token lookups served from the cache (hit) or needing an upstream request (miss)",
             token_cache.clone(),
+        );
+
+        let shared_token_claims = Family::default();
+        registry.register(
+            "stvault_shared_token_claims",
+            "With PostgreSQL, how each token need was met: a token another replica stored \
+             (shared), a lease to request one (leased), a wait for another replica's request \
+             (busy), a rate-limit pause (paused), out-of-date credentials (stale), or a request \
+             made without the database (unshared)",
+            shared_token_claims.clone(),
         );
 
         let upstream_requests = Family::default();
@@ -163,6 +174,7 @@ impl Metrics {
             rpc_requests,
             rpc_duration,
             token_cache,
+            shared_token_claims,
             upstream_requests,
             upstream_duration,
             connections,
@@ -217,6 +229,17 @@ pub fn record_token_cache(hit: bool) {
     let result = if hit { "hit" } else { "miss" };
     METRICS
         .token_cache
+        .get_or_create(&CacheLabels {
+            result: result.into(),
+        })
+        .inc();
+}
+
+/// Records how a replica sharing tokens through PostgreSQL met one need
+/// for a token.
+pub fn record_shared_token_claim(result: &'static str) {
+    METRICS
+        .shared_token_claims
         .get_or_create(&CacheLabels {
             result: result.into(),
         })

@@ -106,6 +106,10 @@ pub struct Vault {
     /// Serializes credential changes per connection, so a rotation's
     /// verification runs without a concurrent rotation racing it.
     change_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per connection whose credentials are being loaded into the
+    /// broker, so a cold burst of callers reads and decrypts the record
+    /// once rather than once per caller.
+    load_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Health state changes, sent once each by the write that made them.
     status_events: broadcast::Sender<StatusEvent>,
     /// Set to true when the server shuts down, to end status watches.
@@ -119,6 +123,7 @@ impl Vault {
             broker,
             keyring: keyring.into(),
             change_locks: Mutex::new(HashMap::new()),
+            load_locks: Mutex::new(HashMap::new()),
             status_events: broadcast::channel(STATUS_EVENT_BUFFER).0,
             stopping: watch::channel(false).0,
         }
@@ -200,6 +205,7 @@ impl Vault {
                 client_secret: new.client_secret.clone(),
                 app_key: new.app_key.clone(),
                 enterprise_hub: new.enterprise_hub,
+                token_key: None,
             };
             let report = verify::verify(
                 self.broker.client(),
@@ -286,6 +292,7 @@ impl Vault {
             client_secret,
             app_key,
             enterprise_hub: record.enterprise_hub,
+            token_key: Some(data_key),
         })
     }
 
@@ -380,6 +387,7 @@ impl Vault {
             client_secret,
             app_key,
             enterprise_hub: record.enterprise_hub,
+            token_key: None,
         };
         let report = verify::verify(
             self.broker.client(),
@@ -649,7 +657,13 @@ impl Vault {
     /// Returns the broker's cache entry of a connection, loading and
     /// decrypting its current credentials on a miss.
     async fn slot(&self, id: &str) -> Result<Arc<Slot>, VaultError> {
+        if let Ok(slot) = self.broker.slot(id) {
+            return Ok(slot);
+        }
+        let lock = LoadLock::new(self, id);
+        let _loading = lock.lock.lock().await;
         for _ in 0..MAX_CONFLICT_RETRIES {
+            // A caller that held the lock before may have installed it.
             let epoch = match self.broker.slot(id) {
                 Ok(slot) => return Ok(slot),
                 Err(epoch) => epoch,
@@ -703,6 +717,37 @@ impl Vault {
 
 /// Makes version `number` current and the former current one previous.
 /// Every other version is dropped, so at most two are kept.
+/// A connection's entry in `Vault::load_locks`, removed from the map when
+/// the last caller holding or waiting for it is done, cancelled or not.
+struct LoadLock<'a> {
+    vault: &'a Vault,
+    id: &'a str,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> LoadLock<'a> {
+    fn new(vault: &'a Vault, id: &'a str) -> Self {
+        let mut locks = vault.load_locks.lock().expect("lock map is never poisoned");
+        let lock = locks.entry(id.to_owned()).or_default().clone();
+        Self { vault, id, lock }
+    }
+}
+
+impl Drop for LoadLock<'_> {
+    fn drop(&mut self) {
+        // Clones are taken only under the map's lock, so the count cannot
+        // grow while it is checked: two means the map's and this one.
+        let mut locks = self
+            .vault
+            .load_locks
+            .lock()
+            .expect("lock map is never poisoned");
+        if Arc::strong_count(&self.lock) == 2 {
+            locks.remove(self.id);
+        }
+    }
+}
+
 fn promote(record: &mut ConnectionRecord, number: u32) {
     let former = record.current().version;
     record

@@ -150,6 +150,7 @@ fn install(broker: &Broker, connection_id: &str) -> Arc<Slot> {
         client_secret: SecretString::new("cs1.scripted".to_owned()),
         app_key: SecretString::new("ak1.scripted".to_owned()),
         enterprise_hub: false,
+        token_key: None,
     };
     broker
         .install(0, credentials)

@@ -19,8 +19,10 @@ use crate::model::Environment;
 mod changes;
 mod schema;
 mod settings;
+mod tokens;
 
 pub use changes::{CHANGES_CHANNEL, Change};
+pub use tokens::{Claim, ClaimRequest, Lease, SharedToken};
 
 pub use settings::{
     DatabaseSettings, DatabaseUrl, ENV_DATABASE_CA, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE,

@@ -28,6 +28,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "audit",
         sql: include_str!("migrations/0002_audit.sql"),
     },
+    Migration {
+        version: 3,
+        name: "tokens",
+        sql: include_str!("migrations/0003_tokens.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock that serializes migrations

@@ -1,0 +1,242 @@
+//! Rows of `stvault_tokens`: the access token that replicas share for each
+//! connection and the lease that lets one replica at a time refresh it.
+//! Every decision is taken under the row's lock and every time is read from
+//! the database's clock, so replicas whose clocks disagree still agree on
+//! who holds a lease and how long a token has left.
+
+use std::time::Duration;
+
+use super::PostgresStore;
+use crate::store::StoreError;
+
+/// What a replica that needs a connection's token should do.
+#[derive(Debug)]
+pub enum Claim {
+    /// Use this token, which another replica (or this one) stored.
+    Shared(SharedToken),
+    /// Request a token from ServiceTitan, then `publish` or `release`.
+    Leased(Lease),
+    /// Another replica holds the lease for this much longer; ask again
+    /// soon, since it is likely to store a token before then.
+    Busy(Duration),
+    /// ServiceTitan asked for a pause with HTTP 429 that has this long left.
+    Paused(Duration),
+    /// The row belongs to a newer credential version than the one asked
+    /// for, so this replica's credentials are out of date.
+    Stale,
+}
+
+/// A sealed token and its time left, by the database's clock.
+pub struct SharedToken {
+    pub sealed: Vec<u8>,
+    pub token_type: String,
+    pub remaining: Duration,
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for SharedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedToken")
+            .field("remaining", &self.remaining)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A granted lease. Its sequence number fences the token store: once the
+/// lease lapses and another replica takes it, `publish` stores nothing.
+#[derive(Debug)]
+pub struct Lease {
+    pub connection_id: String,
+    pub version: u32,
+    sequence: i64,
+}
+
+/// The input of `claim_token`.
+pub struct ClaimRequest<'a> {
+    pub connection_id: &'a str,
+    pub version: u32,
+    /// The claiming replica, as stored in `lease_owner`.
+    pub owner: &'a str,
+    /// How long a granted lease lasts.
+    pub lease_for: Duration,
+    /// A stored token is handed out only while more than this share of its
+    /// lifetime is left. Past that point, the caller is refreshing it.
+    pub min_share_left: f64,
+}
+
+impl PostgresStore {
+    /// Decides, under the row's lock, whether the caller uses the stored
+    /// token, refreshes it under a new lease, or waits.
+    pub async fn claim_token(&self, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
+        let version = i32::try_from(request.version).unwrap_or(i32::MAX);
+        let mut client = self.client().await?;
+        let transaction = client.transaction().await.map_err(|e| self.error(e))?;
+        let select = transaction
+            .prepare_cached(
+                "SELECT version, token, token_type, \
+                 EXTRACT(EPOCH FROM expires_at - now())::float8, lifetime_ms, lease_owner, \
+                 EXTRACT(EPOCH FROM lease_until - now())::float8, \
+                 EXTRACT(EPOCH FROM retry_at - now())::float8 \
+                 FROM stvault_tokens WHERE connection_id = $1 FOR UPDATE",
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let mut row = transaction
+            .query_opt(&select, &[&request.connection_id])
+            .await
+            .map_err(|e| self.error(e))?;
+        if row.is_none() {
+            // ON CONFLICT DO NOTHING waits for a concurrent insert to commit;
+            // the second SELECT then locks whichever row won.
+            transaction
+                .execute(
+                    "INSERT INTO stvault_tokens (connection_id, version) VALUES ($1, $2) \
+                     ON CONFLICT (connection_id) DO NOTHING",
+                    &[&request.connection_id, &version],
+                )
+                .await
+                .map_err(|e| self.error(e))?;
+            row = transaction
+                .query_opt(&select, &[&request.connection_id])
+                .await
+                .map_err(|e| self.error(e))?;
+        }
+        let row = row.ok_or_else(|| StoreError::NotFound(request.connection_id.to_owned()))?;
+
+        let stored_version: i32 = row.get(0);
+        if stored_version > version {
+            return Ok(Claim::Stale);
+        }
+        let current = stored_version == version;
+        if current {
+            let token: Option<Vec<u8>> = row.get(1);
+            let token_type: Option<String> = row.get(2);
+            let remaining: Option<f64> = row.get(3);
+            let lifetime_ms: Option<i64> = row.get(4);
+            if let (Some(sealed), Some(token_type), Some(remaining), Some(lifetime_ms)) =
+                (token, token_type, remaining, lifetime_ms)
+            {
+                let lifetime = Duration::from_millis(u64::try_from(lifetime_ms).unwrap_or(0));
+                if remaining > lifetime.as_secs_f64() * request.min_share_left {
+                    return Ok(Claim::Shared(SharedToken {
+                        sealed,
+                        token_type,
+                        remaining: Duration::from_secs_f64(remaining),
+                        lifetime,
+                    }));
+                }
+            }
+            let retry_in: Option<f64> = row.get(7);
+            if let Some(left) = retry_in.filter(|left| *left > 0.0) {
+                return Ok(Claim::Paused(Duration::from_secs_f64(left)));
+            }
+            let owner: Option<String> = row.get(5);
+            let lease_left: Option<f64> = row.get(6);
+            if let (Some(owner), Some(left)) = (owner, lease_left)
+                && owner != request.owner
+                && left > 0.0
+            {
+                return Ok(Claim::Busy(Duration::from_secs_f64(left)));
+            }
+        }
+
+        // An older version's row is reset: its token belongs to replaced
+        // credentials, and the new sequence fences out its refresher.
+        let lease_secs = request.lease_for.as_secs_f64();
+        let grant = transaction
+            .prepare_cached(
+                "UPDATE stvault_tokens SET \
+                 lease_owner = $2, \
+                 lease_until = now() + $3::float8 * interval '1 second', \
+                 lease_seq = lease_seq + 1, \
+                 version = $4, \
+                 token = CASE WHEN version = $4 THEN token END, \
+                 token_type = CASE WHEN version = $4 THEN token_type END, \
+                 expires_at = CASE WHEN version = $4 THEN expires_at END, \
+                 lifetime_ms = CASE WHEN version = $4 THEN lifetime_ms END, \
+                 retry_at = CASE WHEN version = $4 THEN retry_at END \
+                 WHERE connection_id = $1 RETURNING lease_seq",
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let granted = transaction
+            .query_one(
+                &grant,
+                &[
+                    &request.connection_id,
+                    &request.owner,
+                    &lease_secs,
+                    &version,
+                ],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        transaction.commit().await.map_err(|e| self.error(e))?;
+        Ok(Claim::Leased(Lease {
+            connection_id: request.connection_id.to_owned(),
+            version: request.version,
+            sequence: granted.get(0),
+        }))
+    }
+
+    /// Stores a token requested under `lease` and ends the lease. Returns
+    /// false, storing nothing, when the lease lapsed and another replica
+    /// took it.
+    pub async fn publish_token(
+        &self,
+        lease: &Lease,
+        sealed: &[u8],
+        token_type: &str,
+        remaining: Duration,
+        lifetime: Duration,
+    ) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "UPDATE stvault_tokens SET token = $3, token_type = $4, \
+                 expires_at = now() + $5::float8 * interval '1 second', lifetime_ms = $6, \
+                 lease_owner = NULL, lease_until = NULL, retry_at = NULL \
+                 WHERE connection_id = $1 AND lease_seq = $2",
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let updated = client
+            .execute(
+                &statement,
+                &[
+                    &lease.connection_id,
+                    &lease.sequence,
+                    &sealed,
+                    &token_type,
+                    &remaining.as_secs_f64(),
+                    &i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX),
+                ],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(updated == 1)
+    }
+
+    /// Ends `lease` without a token, after a failed request. With `pause`,
+    /// every replica waits that long before the next request.
+    pub async fn release_token_lease(
+        &self,
+        lease: &Lease,
+        pause: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let pause_secs = pause.map(|d| d.as_secs_f64());
+        client
+            .execute(
+                "UPDATE stvault_tokens SET lease_owner = NULL, lease_until = NULL, \
+                 retry_at = CASE WHEN $3::float8 IS NULL THEN retry_at \
+                 ELSE now() + $3::float8 * interval '1 second' END \
+                 WHERE connection_id = $1 AND lease_seq = $2",
+                &[&lease.connection_id, &lease.sequence, &pause_secs],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,273 @@
+//! Token work shared between replicas on one PostgreSQL database: a cold
+//! burst over two replicas costs ServiceTitan one token request, a replica
+//! killed while it holds a connection's lease is taken over once the lease
+//! lapses, a rate-limit pause reaches every replica, and the shared token
+//! is stored sealed. Each test starts its own PostgreSQL cluster and real
+//! stvault processes against a fake ServiceTitan on loopback.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use stvault::pb;
+use stvault::pb::credential_vault_client::CredentialVaultClient;
+use support::fake_servicetitan::{FakeApp, FakeServiceTitan, Fault};
+use support::postgres::Postgres;
+use support::server::Server;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const TENANT: i64 = 7700;
+const CLIENT_ID: &str = "cid.shared.7700";
+const SECRET: &str = "cs1.SENTINEL-SHARED-SECRET-51d3";
+const SECRET_2: &str = "cs2.SENTINEL-SHARED-SECRET-8b6f";
+const APP_KEY: &str = "ak1.SENTINEL-SHARED-APPKEY-0e7a";
+
+async fn fake() -> FakeServiceTitan {
+    let fake = FakeServiceTitan::start().await;
+    fake.add_app(FakeApp::new(CLIENT_ID, SECRET, TENANT, APP_KEY));
+    fake
+}
+
+/// Starts two replicas on a fresh database with `extra` settings and
+/// registers the tenant through the first. Returns the connection id.
+async fn replicas(
+    cluster: &Postgres,
+    fake: &FakeServiceTitan,
+    extra: &[(&str, &str)],
+) -> (Server, Server, String) {
+    let url = cluster.create_database("vault").await;
+    let first = Server::start_postgres(fake, &url, extra).await;
+    let second = first.start_replica().await;
+    let id = first
+        .client()
+        .await
+        .register_connection(pb::RegisterConnectionRequest {
+            environment: pb::Environment::Integration as i32,
+            tenant_id: TENANT,
+            client_id: CLIENT_ID.into(),
+            client_secret: SECRET.into(),
+            app_key: APP_KEY.into(),
+            display_name: "shared tokens".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .connection_id;
+    (first, second, id)
+}
+
+/// Asserts that no replica fell back to requesting tokens on its own.
+fn assert_shared(servers: &[&Server]) {
+    for server in servers {
+        let logs = server.logs();
+        assert!(
+            !logs.contains("without sharing"),
+            "a replica did not share its token request:\n{logs}"
+        );
+    }
+}
+
+async fn token(
+    client: &mut CredentialVaultClient<Channel>,
+    id: &str,
+) -> Result<pb::AccessToken, tonic::Status> {
+    client
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Sends `count` concurrent token calls to `server` over four HTTP/2
+/// connections, so no one connection's stream limit queues them.
+async fn burst(
+    server: &Server,
+    id: &str,
+    count: usize,
+) -> Vec<tokio::task::JoinHandle<Result<pb::AccessToken, tonic::Status>>> {
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(server.client().await);
+    }
+    (0..count)
+        .map(|n| {
+            let mut client = clients[n % clients.len()].clone();
+            let id = id.to_owned();
+            tokio::spawn(async move { token(&mut client, &id).await })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cold_burst_over_two_replicas_costs_one_request() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    let (first, second, id) = replicas(&cluster, &fake, &[]).await;
+    // Registration's check requested tokens of its own; count from here.
+    let before = fake.token_requests();
+    fake.set_token_delay(Duration::from_millis(300));
+
+    let mut calls = burst(&first, &id, 250).await;
+    calls.extend(burst(&second, &id, 250).await);
+    let mut tokens = HashSet::new();
+    for call in calls {
+        let issued = call.await.unwrap().expect("token");
+        assert_eq!(issued.app_key, APP_KEY);
+        tokens.insert(issued.access_token);
+    }
+    assert_eq!(tokens.len(), 1, "every caller gets the same token");
+    assert_shared(&[&first, &second]);
+    assert_eq!(fake.token_requests() - before, 1);
+
+    // The stored token is sealed: neither its text nor any secret is in
+    // the database.
+    let token = tokens.into_iter().next().unwrap();
+    let dump = cluster.dump("vault");
+    for needle in [token.as_str(), SECRET, APP_KEY] {
+        assert!(
+            !dump.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "{needle:.12}… is in the database dump"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_lease_holder_is_taken_over() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    // A lease lasts the upstream timeout plus 2 s: 4 s here.
+    let settings = [("STVAULT_UPSTREAM_TIMEOUT", "2s")];
+    let (mut first, second, id) = replicas(&cluster, &fake, &settings).await;
+    let before = fake.token_requests();
+
+    // The first replica takes the lease and its request hangs.
+    fake.set_token_delay(Duration::from_secs(30));
+    let mut client = first.client().await;
+    let hung_id = id.clone();
+    let hung = tokio::spawn(async move { token(&mut client, &hung_id).await });
+    let started = Instant::now();
+    while fake.token_requests() == before {
+        assert!(started.elapsed() < Duration::from_secs(5), "no request");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill9();
+    let killed = Instant::now();
+    fake.set_token_delay(Duration::ZERO);
+    assert!(hung.await.unwrap().is_err());
+
+    // Every caller of the second replica retries until it has a token.
+    // Until the lease lapses they may get UNAVAILABLE; after it, the
+    // second replica makes the one request for all of them.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(second.client().await);
+    }
+    let calls: Vec<_> = (0..100)
+        .map(|n| {
+            let mut client = clients[n % clients.len()].clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                loop {
+                    match token(&mut client, &id).await {
+                        Ok(issued) => return issued.access_token,
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                            assert!(killed.elapsed() < Duration::from_secs(15), "{status:?}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut tokens = HashSet::new();
+    for call in calls {
+        tokens.insert(call.await.unwrap());
+    }
+    let took = killed.elapsed();
+    eprintln!("taken over {took:?} after the lease holder died");
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(
+        fake.token_requests() - before,
+        2,
+        "the dead replica's request and one from the replica that took over"
+    );
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    assert_shared(&[&second]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_pause_reaches_every_replica() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    let (first, second, id) = replicas(&cluster, &fake, &[]).await;
+    let before = fake.token_requests();
+    fake.set_token_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+
+    let status = token(&mut first.client().await, &id)
+        .await
+        .expect_err("rate limited");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.token_requests() - before, 1);
+
+    // The other replica honours the same pause without asking.
+    let status = token(&mut second.client().await, &id)
+        .await
+        .expect_err("paused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("retry"), "{status:?}");
+    assert_eq!(fake.token_requests() - before, 1);
+    assert_shared(&[&first, &second]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_replaces_the_shared_token() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    fake.update_app(CLIENT_ID, |app| app.client_secrets.push(SECRET_2.into()));
+    let (first, second, id) = replicas(&cluster, &fake, &[]).await;
+    let old = token(&mut second.client().await, &id).await.expect("token");
+    assert_eq!(old.credential_version, 1);
+
+    first
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.clone(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate");
+    // The rotation's check requested tokens of its own; count from here.
+    let before = fake.token_requests();
+    let mut tokens = HashSet::new();
+    let started = Instant::now();
+    for server in [&first, &second, &first, &second] {
+        // The second replica drops its cached version 1 when the change
+        // notification arrives, within a second.
+        let issued = loop {
+            let issued = token(&mut server.client().await, &id).await.expect("token");
+            if issued.credential_version == 2 {
+                break issued;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "still version 1"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tokens.insert(issued.access_token);
+    }
+    assert_eq!(tokens.len(), 1);
+    assert!(!tokens.contains(&old.access_token));
+    assert_eq!(fake.token_requests() - before, 1);
+    assert_shared(&[&first, &second]);
+}

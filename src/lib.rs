@@ -70,6 +70,9 @@ pub struct Opened {
     pub metrics_listener: Option<TcpListener>,
     /// The bound health-only listener, when enabled.
     pub health_listener: Option<TcpListener>,
+    /// With PostgreSQL and a policy file: keeps the policy in step with
+    /// the other replicas.
+    pub policy_sync: Option<Arc<auth::shared::PolicySync>>,
 }
 
 /// Locks the data directory, loads the master keyring, and checks that every
@@ -168,17 +171,51 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     for id in cleaned {
         tracing::warn!(connection.id = %id, "discarded a pending credential version left by an interrupted rotation");
     }
+    let auth = Arc::new(auth);
+    let policy_sync = match vault.store().postgres() {
+        Some(postgres) => auth::shared::PolicySync::new(postgres.clone(), auth.clone()),
+        None => None,
+    };
+    if let (Some(sync), Some(path)) = (&policy_sync, auth.policy_path()) {
+        // The file was read moments ago; an error now is as fatal as then.
+        let document = std::fs::read_to_string(path).map_err(|e| {
+            StartupError(format!("cannot read policy file {}: {e}", path.display()))
+        })?;
+        auth.install(&document)
+            .map_err(|e| StartupError(format!("policy file {}: {e}", path.display())))?;
+        sync.publish(document).await;
+    }
     Ok(Opened {
         vault,
         health: config.health.clone(),
-        auth: Arc::new(auth),
+        auth,
         audit: Arc::new(audit),
         tls: config.tls.clone(),
         lock,
         shutdown_grace: config.shutdown_grace,
         metrics_listener,
         health_listener,
+        policy_sync,
     })
+}
+
+/// Puts the shared policy in force, in a task of its own, since it reads
+/// the database.
+fn apply_shared_policy(sync: &Option<Arc<auth::shared::PolicySync>>) {
+    if let Some(sync) = sync.clone() {
+        tokio::spawn(async move { sync.apply().await });
+    }
+}
+
+/// Returns what to do with a policy this server reloads on SIGHUP: with
+/// PostgreSQL, share it with the other replicas.
+pub fn on_policy_reload(opened: &Opened) -> impl Fn(String) + Send + 'static {
+    let sync = opened.policy_sync.clone();
+    move |document| {
+        if let Some(sync) = sync.clone() {
+            tokio::spawn(async move { sync.publish(document).await });
+        }
+    }
 }
 
 /// Health service name that reports SERVING from startup until shutdown,
@@ -378,12 +415,17 @@ pub async fn serve(
     // one cached of the connection.
     let changes = store.is_shared().then(|| {
         let broker = opened.vault.broker().clone();
+        let policy_sync = opened.policy_sync.clone();
         let store = store.clone();
         let stopping = stop_requested.clone();
         tokio::spawn(async move {
             let on_change = |change: store::Change<'_>| match change {
                 store::Change::Connection(id) => broker.invalidate(id),
-                store::Change::Unknown => broker.invalidate_all(),
+                store::Change::Policy => apply_shared_policy(&policy_sync),
+                store::Change::Unknown => {
+                    broker.invalidate_all();
+                    apply_shared_policy(&policy_sync);
+                }
             };
             store.watch_changes(on_change, stopping).await;
         })

@@ -299,7 +299,10 @@ async fn serve(args: ServeArgs) -> ExitCode {
         policy = opened.auth.policy_path().map(|p| p.display().to_string()).unwrap_or_default(),
         "stvault listening"
     );
-    tokio::spawn(stvault::auth::reload_on_sighup(opened.auth.clone()));
+    tokio::spawn(stvault::auth::reload_on_sighup(
+        opened.auth.clone(),
+        stvault::on_policy_reload(&opened),
+    ));
     match stvault::serve(opened, listener, shutdown_signal()).await {
         Ok(()) => {
             tracing::info!("stvault stopped");

@@ -4,6 +4,7 @@
 
 pub mod identity;
 pub mod policy;
+pub mod shared;
 pub mod tls;
 
 use std::fmt;
@@ -265,12 +266,27 @@ impl Authenticator {
     }
 
     /// Re-reads the policy file. An invalid file leaves the current policy
-    /// in force and returns why. Returns the number of callers loaded.
-    pub fn reload(&self) -> Result<usize, String> {
-        let Mode::Enforced { path, policy } = &self.mode else {
+    /// in force and returns why. Returns the text now in force.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let Mode::Enforced { path, .. } = &self.mode else {
             return Err("no policy file is configured".into());
         };
-        let next = Policy::load(path)?;
+        let document = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read policy file {}: {e}", path.display()))?;
+        let callers = self
+            .install(&document)
+            .map_err(|e| format!("policy file {}: {e}", path.display()))?;
+        Ok(Reloaded { callers, document })
+    }
+
+    /// Enforces the policy `document`, such as one another replica loaded.
+    /// Invalid text leaves the current policy in force and returns why;
+    /// an open authenticator stays open. Returns the number of callers.
+    pub fn install(&self, document: &str) -> Result<usize, String> {
+        let Mode::Enforced { policy, .. } = &self.mode else {
+            return Err("no policy file is configured".into());
+        };
+        let next = Policy::parse(document)?;
         let callers = next.callers().len();
         *policy
             .write()
@@ -370,10 +386,18 @@ impl Authenticator {
     }
 }
 
-/// Reloads the policy on every SIGHUP until the process exits. A reload
-/// that fails keeps the previous policy and logs why; open connections stay
-/// up either way, and their next calls use the new policy.
-pub async fn reload_on_sighup(auth: Arc<Authenticator>) {
+/// A policy file read again and now in force.
+pub struct Reloaded {
+    pub callers: usize,
+    /// The file's text, for replicas that share it.
+    pub document: String,
+}
+
+/// Reloads the policy on every SIGHUP until the process exits, and passes
+/// each policy put in force to `on_reload`. A reload that fails keeps the
+/// previous policy and logs why; open connections stay up either way, and
+/// their next calls use the new policy.
+pub async fn reload_on_sighup(auth: Arc<Authenticator>, on_reload: impl Fn(String)) {
     use tokio::signal::unix::{SignalKind, signal};
     let Some(path) = auth.policy_path().map(Path::to_path_buf) else {
         return;
@@ -387,8 +411,13 @@ pub async fn reload_on_sighup(auth: Arc<Authenticator>) {
     };
     while hangup.recv().await.is_some() {
         match auth.reload() {
-            Ok(callers) => {
-                tracing::info!(policy = %path.display(), callers, "policy reloaded")
+            Ok(reloaded) => {
+                tracing::info!(
+                    policy = %path.display(),
+                    callers = reloaded.callers,
+                    "policy reloaded"
+                );
+                on_reload(reloaded.document);
             }
             Err(error) => tracing::error!(
                 policy = %path.display(),

@@ -17,11 +17,13 @@ use crate::crypto::Sealed;
 use crate::model::Environment;
 
 mod changes;
+mod policy;
 mod schema;
 mod settings;
 mod tokens;
 
 pub use changes::{CHANGES_CHANNEL, Change};
+pub use policy::{POLICY_CHANNEL, SharedPolicy};
 pub use tokens::{Claim, ClaimRequest, Lease, SharedToken};
 
 pub use settings::{

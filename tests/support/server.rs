@@ -110,8 +110,17 @@ impl Server {
     /// server's master key file, but with a data directory of its own, as a
     /// second replica would run.
     pub async fn start_replica(&self) -> Server {
+        self.start_replica_with(&[]).await
+    }
+
+    /// Starts another replica as `start_replica` does, with `extra`
+    /// settings in place of this server's.
+    pub async fn start_replica_with(&self, extra: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().expect("create temporary directory");
         let mut env = self.env.clone();
+        for (name, value) in extra {
+            env.insert((*name).into(), (*value).into());
+        }
         env.insert(
             "STVAULT_DATA_DIR".into(),
             dir.path().join("data").display().to_string(),

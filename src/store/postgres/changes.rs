@@ -2,7 +2,9 @@
 //! or deletion of a connection sends its id on `CHANGES_CHANNEL` when it
 //! commits (`pg_notify` in the same statement). Every server listens on a
 //! connection of its own. A rotation or deletion made through one server
-//! therefore drops the cached credentials and tokens of the others.
+//! therefore drops the cached credentials and tokens of the others. A
+//! policy stored by one server is announced on `POLICY_CHANNEL` the same
+//! way.
 
 use std::time::Duration;
 
@@ -11,17 +13,20 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::AsyncMessage;
 
 use super::PostgresStore;
+use super::policy::POLICY_CHANNEL;
 
 /// The notification channel; each payload is one connection id.
 pub const CHANGES_CHANNEL: &str = "stvault_connections";
 /// Wait before connecting again after the listening connection is lost.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 
-/// A change: to one connection, or to anything (after the listening
-/// connection was lost, when notifications may have been missed).
+/// A change: to one connection, to the shared caller policy, or to
+/// anything (after the listening connection was lost, when notifications
+/// may have been missed).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Change<'a> {
     Connection(&'a str),
+    Policy,
     Unknown,
 }
 
@@ -70,7 +75,8 @@ impl PostgresStore {
             while let Some(message) = messages.next().await {
                 match message? {
                     AsyncMessage::Notification(notification) => {
-                        let _ = sender.send(notification.payload().to_owned());
+                        let policy = notification.channel() == POLICY_CHANNEL;
+                        let _ = sender.send((policy, notification.payload().to_owned()));
                     }
                     AsyncMessage::Notice(_) => {}
                     _ => {}
@@ -79,20 +85,27 @@ impl PostgresStore {
             Ok::<(), tokio_postgres::Error>(())
         });
         let listening = client
-            .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+            .batch_execute(&format!(
+                "LISTEN {CHANGES_CHANNEL}; LISTEN {POLICY_CHANNEL}"
+            ))
             .await;
         if let Err(error) = listening {
             driver.abort();
             return Err(error);
         }
+        // Changes committed before this LISTEN, while the connection was
+        // down or before the first one, reached no one here.
+        on_change(Change::Unknown);
         if *connected_before {
-            // Changes made while the connection was down were not notified.
-            on_change(Change::Unknown);
             tracing::info!(database = %self.target, "listening for changes again");
         }
         *connected_before = true;
-        while let Some(id) = received.recv().await {
-            on_change(Change::Connection(&id));
+        while let Some((policy, payload)) = received.recv().await {
+            if policy {
+                on_change(Change::Policy);
+            } else {
+                on_change(Change::Connection(&payload));
+            }
         }
         // The driver dropped its sender: the connection ended.
         drop(client);

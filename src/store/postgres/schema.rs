@@ -33,6 +33,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "tokens",
         sql: include_str!("migrations/0003_tokens.sql"),
     },
+    Migration {
+        version: 5,
+        name: "policy",
+        sql: include_str!("migrations/0005_policy.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock that serializes migrations

@@ -1,9 +1,10 @@
-//! Token work shared between replicas on one PostgreSQL database: a cold
-//! burst over two replicas costs ServiceTitan one token request, a replica
-//! killed while it holds a connection's lease is taken over once the lease
-//! lapses, a rate-limit pause reaches every replica, and the shared token
-//! is stored sealed. Each test starts its own PostgreSQL cluster and real
-//! stvault processes against a fake ServiceTitan on loopback.
+//! Replicas sharing one PostgreSQL database. Token work: a cold burst over
+//! two replicas costs ServiceTitan one token request, a replica killed
+//! while it holds a connection's lease is taken over once the lease lapses,
+//! a rate-limit pause reaches every replica, and the shared token is stored
+//! sealed. Policy: a policy reloaded on one replica is in force on the
+//! other within a second. Each test starts its own PostgreSQL cluster and
+//! real stvault processes against a fake ServiceTitan on loopback.
 
 mod support;
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use stvault::pb;
 use stvault::pb::credential_vault_client::CredentialVaultClient;
+use support::callers::Key;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan, Fault};
 use support::postgres::Postgres;
 use support::server::Server;
@@ -270,4 +272,74 @@ async fn rotation_replaces_the_shared_token() {
     assert!(!tokens.contains(&old.access_token));
     assert_eq!(fake.token_requests() - before, 1);
     assert_shared(&[&first, &second]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_reloaded_on_one_replica_applies_to_the_other() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let ops = Key::new("ops");
+    let auditor = Key::new("auditor");
+    let both = format!(
+        "{}{}",
+        ops.entry(r#"["admin"]"#, None),
+        auditor.entry(r#"["admin"]"#, None)
+    );
+    // Each replica reads a file of its own, so only the shared policy can
+    // carry the first one's change to the second.
+    let dir = tempfile::tempdir().unwrap();
+    let first_file = dir.path().join("first.toml");
+    let second_file = dir.path().join("second.toml");
+    std::fs::write(&first_file, &both).unwrap();
+    std::fs::write(&second_file, &both).unwrap();
+    let first = Server::start_postgres(
+        &fake,
+        &url,
+        &[("STVAULT_POLICY_FILE", first_file.to_str().unwrap())],
+    )
+    .await;
+    let second = first
+        .start_replica_with(&[("STVAULT_POLICY_FILE", second_file.to_str().unwrap())])
+        .await;
+    let mut client = second.client().await;
+    client
+        .list_connections(auditor.request(pb::ListConnectionsRequest::default()))
+        .await
+        .expect("the auditor is in both files");
+
+    std::fs::write(&first_file, ops.entry(r#"["admin"]"#, None)).unwrap();
+    assert!(first.reload_policy().await.contains("policy reloaded"));
+    let started = Instant::now();
+    loop {
+        let call = client
+            .list_connections(auditor.request(pb::ListConnectionsRequest::default()))
+            .await;
+        match call {
+            Err(status) if status.code() == Code::Unauthenticated => break,
+            _ => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "the removed caller still works on the other replica:\n{}",
+                    second.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    eprintln!(
+        "policy change seen by the other replica after {:?}",
+        started.elapsed()
+    );
+    client
+        .list_connections(ops.request(pb::ListConnectionsRequest::default()))
+        .await
+        .expect("the remaining caller");
+    assert!(
+        second
+            .logs()
+            .contains("policy changed by another replica is now in force"),
+        "{}",
+        second.logs()
+    );
 }

@@ -111,15 +111,20 @@ pub struct CachedToken {
 impl CachedToken {
     /// Builds a cache entry for a token requested at `requested` (monotonic)
     /// and `requested_wall`, so its expiry errs on the early side by the
-    /// request's duration.
+    /// request's duration. The lifetime and refresh time count from when
+    /// ServiceTitan issued the token, which is earlier for a token another
+    /// replica stored.
     fn from_issued(issued: IssuedToken, requested: Instant, requested_wall: SystemTime) -> Self {
         let jitter = rand::thread_rng().gen_range(-REFRESH_JITTER..=REFRESH_JITTER);
-        let refresh_after = issued.expires_in.mul_f64(REFRESH_FRACTION + jitter);
+        let lifetime = issued.expires_in + issued.age;
+        let refresh_after = lifetime
+            .mul_f64(REFRESH_FRACTION + jitter)
+            .saturating_sub(issued.age);
         Self {
             expires_at: requested + issued.expires_in,
             expires_at_wall: requested_wall + issued.expires_in,
             refresh_at: requested + refresh_after,
-            lifetime: issued.expires_in,
+            lifetime,
             access_token: issued.access_token,
             token_type: issued.token_type,
             claims: issued.claims,
@@ -497,5 +502,42 @@ impl Broker {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issued(expires_in: u64, age: u64) -> IssuedToken {
+        IssuedToken {
+            access_token: SecretString::new("token".to_owned()),
+            token_type: "Bearer".to_owned(),
+            expires_in: Duration::from_secs(expires_in),
+            age: Duration::from_secs(age),
+            claims: TokenClaims::default(),
+        }
+    }
+
+    #[test]
+    fn stored_token_keeps_its_lifetime_and_refresh_point() {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        // Issued 500 s ago with 900 s of life: 400 s left, and the refresh
+        // due at 70% to 80% of 900 s after issue.
+        let token = CachedToken::from_issued(issued(400, 500), now, wall);
+        assert_eq!(token.lifetime, Duration::from_secs(900));
+        assert_eq!(token.remaining(now), Duration::from_secs(400));
+        let refresh_in = token.refresh_at() - now;
+        assert!(refresh_in >= Duration::from_secs(130), "{refresh_in:?}");
+        assert!(refresh_in <= Duration::from_secs(220), "{refresh_in:?}");
+        // The margin asked for is capped at half the whole lifetime (450 s),
+        // not half of what is left (200 s).
+        assert!(!token.satisfies(Duration::from_secs(600), now));
+        assert!(token.satisfies(Duration::from_secs(300), now));
+
+        let fresh = CachedToken::from_issued(issued(900, 0), now, wall);
+        assert_eq!(fresh.lifetime, Duration::from_secs(900));
+        assert!(fresh.refresh_at() - now >= Duration::from_secs(630));
     }
 }

@@ -143,6 +143,9 @@ pub struct IssuedToken {
     pub access_token: SecretString,
     pub token_type: String,
     pub expires_in: Duration,
+    /// Time since ServiceTitan issued the token: zero for one just
+    /// requested, more for one another replica stored.
+    pub age: Duration,
     /// Claims read from the JWT payload for diagnostics; not trusted for
     /// authorization, since the signature is not checked.
     pub claims: TokenClaims,
@@ -417,6 +420,7 @@ fn parse_token(body: &[u8]) -> Result<IssuedToken, TokenError> {
         access_token,
         token_type: "Bearer".to_owned(),
         expires_in,
+        age: Duration::ZERO,
         claims,
     })
 }

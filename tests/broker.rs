@@ -110,6 +110,7 @@ impl TokenSource for ScriptedSource {
                 )),
                 token_type: "Bearer".to_owned(),
                 expires_in: lifetime,
+                age: Duration::ZERO,
                 claims: TokenClaims::default(),
             })
         })

@@ -34,10 +34,12 @@ const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 /// the token it got.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
 /// A stored token is handed out only while more than this share of its
-/// lifetime is left. Replicas refresh once at most this share is left
-/// (`REFRESH_FRACTION` less its jitter), so a refreshing replica never gets
-/// back the token it is replacing.
-const MIN_SHARE_LEFT: f64 = 1.0 - (REFRESH_FRACTION - REFRESH_JITTER);
+/// lifetime is left. Replicas refresh a token once `REFRESH_FRACTION`, less
+/// its jitter, of its lifetime has passed, when less than this is left, so
+/// a refreshing replica never gets back the token it is replacing. The
+/// margin of 5% of the lifetime covers the time between a replica's clock
+/// and the database's reading.
+const MIN_SHARE_LEFT: f64 = 1.05 - (REFRESH_FRACTION - REFRESH_JITTER);
 
 /// A `TokenSource` that shares tokens with other replicas through the
 /// database and sends requests to `upstream` only under a lease.
@@ -221,6 +223,7 @@ fn open(shared: &SharedToken, credentials: &Credentials, key: &DataKey) -> Optio
         access_token,
         token_type: shared.token_type.clone(),
         expires_in: shared.remaining,
+        age: shared.lifetime.saturating_sub(shared.remaining),
         claims,
     })
 }

@@ -16,7 +16,8 @@ struct Migration {
 }
 
 /// Every migration, in the order they apply. Never edit a released one:
-/// add the next instead.
+/// add the next instead. Versions need not be contiguous: `migrate` applies
+/// every listed version that the database lacks, in list order.
 const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -27,6 +28,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "audit",
         sql: include_str!("migrations/0002_audit.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "audit_spool",
+        sql: include_str!("migrations/0004_audit_spool.sql"),
     },
 ];
 

@@ -357,7 +357,7 @@ pub async fn serve(
     }
     let readiness = store.is_shared().then(|| {
         tokio::spawn(readiness::watch_database(
-            store.clone(),
+            opened.vault.clone(),
             health_reporter.clone(),
             stop_requested.clone(),
         ))

@@ -163,7 +163,7 @@ impl Shared {
         // Calls keep spooling while a batch from the middle of the spool is
         // forwarded. The last batch is forwarded with the spool held, so no
         // event can arrive between it and the removal of the file.
-        let held = if batch.reaches_end {
+        let kept_guard = if batch.reaches_end {
             Some(guard)
         } else {
             drop(guard);
@@ -185,7 +185,7 @@ impl Shared {
             already_forwarded = skipped,
             "forwarded spooled audit events to the database"
         );
-        let mut guard = match held {
+        let mut guard = match kept_guard {
             Some(guard) => guard,
             None => spool.clone().lock_owned().await,
         };

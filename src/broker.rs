@@ -384,6 +384,16 @@ impl Broker {
         }
     }
 
+    /// Returns the slot's cached token if it satisfies `min_valid_for`,
+    /// without requesting or refreshing one.
+    pub fn cached_token(&self, slot: &Slot, min_valid_for: Duration) -> Option<Arc<CachedToken>> {
+        let state = slot.state.lock().expect("slot lock is never poisoned");
+        let token = state.token.clone()?;
+        let hit = token.satisfies(min_valid_for, Instant::now());
+        crate::metrics::record_token_cache(hit);
+        hit.then_some(token)
+    }
+
     fn lookup(self: &Arc<Self>, slot: &Arc<Slot>, min_valid_for: Duration) -> Lookup {
         let now = Instant::now();
         let mut state = slot.state.lock().expect("slot lock is never poisoned");

@@ -28,8 +28,10 @@ pub struct ServeArgs {
     pub listen: String,
 
     /// Directory of the embedded database and the audit trail (created if
-    /// missing, mode 0700). With PostgreSQL storage it holds only the lock
-    /// and the generated master key.
+    /// missing, mode 0700). With PostgreSQL storage it holds the lock, the
+    /// generated master key and, while the database is unreachable, the
+    /// audit spool (audit-spool.jsonl), so give each replica a persistent
+    /// directory of its own.
     #[arg(long, env = "STVAULT_DATA_DIR", default_value = "./stvault-data")]
     pub data_dir: PathBuf,
 
@@ -137,8 +139,8 @@ pub struct ServeArgs {
     /// its call returns, and calls in flight share a sync. A duration such
     /// as "10ms" writes each event before its call returns and syncs within
     /// that time, so a power loss can lose that much of the trail. With
-    /// PostgreSQL storage each event is committed before its call returns,
-    /// and this setting does not apply.
+    /// PostgreSQL storage each event is committed, or synced to the audit
+    /// spool, before its call returns, and this setting does not apply.
     #[arg(long, env = "STVAULT_AUDIT_SYNC", default_value = "always")]
     pub audit_sync: String,
 

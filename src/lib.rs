@@ -285,7 +285,10 @@ fn open_audit(config: &Config, store: &Store) -> Result<audit::AuditLog, Startup
              trail"
         );
     }
-    Ok(audit::AuditLog::open_postgres(postgres))
+    // The spool is kept in the data directory, because its lock reserves it
+    // for this server and it outlives a restart.
+    audit::AuditLog::open_postgres(postgres, dir)
+        .map_err(|e| StartupError(format!("cannot open the audit spool: {e}")))
 }
 
 /// Moves an audit trail kept in the sled database `db` by earlier versions
@@ -406,10 +409,17 @@ pub async fn serve(
     }
     let readiness = store.is_shared().then(|| {
         tokio::spawn(readiness::watch_database(
-            store.clone(),
+            opened.vault.clone(),
             health_reporter.clone(),
             stop_requested.clone(),
         ))
+    });
+    // Events spooled while the database was unreachable, in this run or an
+    // earlier one, go to the shared chain once it responds.
+    let forwarder = store.is_shared().then(|| {
+        let audit = opened.audit.clone();
+        let stopping = stop_requested.clone();
+        tokio::spawn(async move { audit.forward_spool(stopping).await })
     });
     // Rotations and deletions made through other servers drop what this
     // one cached of the connection.
@@ -490,6 +500,9 @@ pub async fn serve(
         task.abort();
     }
     if let Some(task) = changes {
+        task.abort();
+    }
+    if let Some(task) = forwarder {
         task.abort();
     }
     if let Some(task) = metrics_task {

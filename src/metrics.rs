@@ -98,6 +98,7 @@ struct Metrics {
     upstream_duration: HistogramFamily<EnvironmentLabels>,
     connections: Family<ConnectionLabels, Gauge>,
     audit_events: Counter,
+    audit_spooled: Gauge,
     tenant_labels: AtomicBool,
     labelled_tenants: Mutex<HashSet<i64>>,
 }
@@ -169,6 +170,14 @@ impl Metrics {
             audit_events.clone(),
         );
 
+        let audit_spooled = Gauge::default();
+        registry.register(
+            "stvault_audit_spooled_events",
+            "Audit events in this server's local spool, written while the database was \
+             unreachable and not yet forwarded to it",
+            audit_spooled.clone(),
+        );
+
         Self {
             registry,
             rpc_requests,
@@ -179,6 +188,7 @@ impl Metrics {
             upstream_duration,
             connections,
             audit_events,
+            audit_spooled,
             tenant_labels: AtomicBool::new(false),
             labelled_tenants: Mutex::new(HashSet::new()),
         }
@@ -280,6 +290,14 @@ pub fn record_upstream_token<T>(
 /// Records one audit event written durably.
 pub fn record_audit_event() {
     METRICS.audit_events.inc();
+}
+
+/// Sets the number of audit events in the local spool that are not yet
+/// forwarded to the database.
+pub fn set_audit_spooled(events: u64) {
+    METRICS
+        .audit_spooled
+        .set(i64::try_from(events).unwrap_or(i64::MAX));
 }
 
 /// Returns the state a connection is counted under: its health state

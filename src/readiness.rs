@@ -1,8 +1,10 @@
 //! Readiness reported by the gRPC health service. With a shared PostgreSQL
 //! database the server is ready only while queries to the database succeed.
 //! Health reports NOT_SERVING when a check query fails, and SERVING again
-//! once one succeeds.
+//! once one succeeds. The vault follows the same checks to serve only
+//! cached tokens meanwhile.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -11,18 +13,18 @@ use tonic_health::server::HealthReporter;
 
 use crate::api::VaultService;
 use crate::pb::credential_vault_server::CredentialVaultServer;
-use crate::store::Store;
+use crate::vault::Vault;
 
 /// Time between two checks of the database.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one check may take before the database counts as unreachable.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Checks the store every `CHECK_INTERVAL` and sets the overall health and
-/// the CredentialVault service's health to match, until `stopping` turns
-/// true.
+/// Checks the vault's store every `CHECK_INTERVAL` and sets the overall
+/// health, the CredentialVault service's health and the vault's view of
+/// the database to match, until `stopping` turns true.
 pub async fn watch_database(
-    store: Store,
+    vault: Arc<Vault>,
     reporter: HealthReporter,
     mut stopping: watch::Receiver<bool>,
 ) {
@@ -32,7 +34,7 @@ pub async fn watch_database(
             _ = stopping.wait_for(|stopping| *stopping) => return,
             () = tokio::time::sleep(CHECK_INTERVAL) => {}
         }
-        let error = match tokio::time::timeout(CHECK_TIMEOUT, store.ping()).await {
+        let error = match tokio::time::timeout(CHECK_TIMEOUT, vault.store().ping()).await {
             Ok(Ok(())) => None,
             Ok(Err(error)) => Some(error.to_string()),
             Err(_) => Some(format!(
@@ -56,6 +58,7 @@ pub async fn watch_database(
         } else {
             ServingStatus::NotServing
         };
+        vault.set_database_reachable(reachable);
         reporter.set_service_status("", status).await;
         if reachable {
             reporter

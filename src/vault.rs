@@ -2,6 +2,7 @@
 //! verify, delete and hand out tokens, over the store and the broker.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -114,6 +115,8 @@ pub struct Vault {
     status_events: broadcast::Sender<StatusEvent>,
     /// Set to true when the server shuts down, to end status watches.
     stopping: watch::Sender<bool>,
+    /// False while readiness checks cannot reach a shared database.
+    database_reachable: AtomicBool,
 }
 
 impl Vault {
@@ -126,7 +129,14 @@ impl Vault {
             load_locks: Mutex::new(HashMap::new()),
             status_events: broadcast::channel(STATUS_EVENT_BUFFER).0,
             stopping: watch::channel(false).0,
+            database_reachable: AtomicBool::new(true),
         }
+    }
+
+    /// Records whether the shared database is reachable. While it is not,
+    /// `access_token` returns only tokens already cached.
+    pub fn set_database_reachable(&self, reachable: bool) {
+        self.database_reachable.store(reachable, Ordering::SeqCst);
     }
 
     /// Returns a receiver of every later health state change.
@@ -634,6 +644,9 @@ impl Vault {
         id: &str,
         min_valid_for: Duration,
     ) -> Result<IssuedAccess, VaultError> {
+        if !self.database_reachable.load(Ordering::SeqCst) {
+            return self.cached_access_token(id, min_valid_for);
+        }
         for _ in 0..MAX_CONFLICT_RETRIES {
             let slot = self.slot(id).await?;
             let token = self
@@ -652,6 +665,30 @@ impl Vault {
             }
         }
         Err(VaultError::Busy(id.to_owned()))
+    }
+
+    /// Returns the connection's cached token, or `StoreError::Unavailable`
+    /// when none satisfies `min_valid_for`. While the database is
+    /// unreachable, a rotation or deletion through another server goes
+    /// unnoticed, so no new token is requested with the cached credentials.
+    /// Only tokens issued before the outage can be served stale.
+    fn cached_access_token(
+        &self,
+        id: &str,
+        min_valid_for: Duration,
+    ) -> Result<IssuedAccess, VaultError> {
+        let unavailable = || {
+            VaultError::Store(StoreError::Unavailable(format!(
+                "the database is unreachable, and no cached token of connection {id} is valid \
+                 for long enough"
+            )))
+        };
+        let slot = self.broker.slot(id).map_err(|_| unavailable())?;
+        let token = self
+            .broker
+            .cached_token(&slot, min_valid_for)
+            .ok_or_else(unavailable)?;
+        Ok(IssuedAccess { token, slot })
     }
 
     /// Returns the broker's cache entry of a connection, loading and

@@ -1,9 +1,11 @@
 //! PostgreSQL storage through the real binary: every connection RPC, a
 //! restart, two replicas sharing one database and one audit chain, TLS, a
-//! dump free of secrets, and readiness while the database is down. Calls
-//! fail while their audit events cannot be written. The `Store`
-//! contract is also checked directly, on sled and on PostgreSQL. Each test
-//! starts its own PostgreSQL cluster (see `support::postgres`).
+//! dump free of secrets, and readiness while the database is down. While it
+//! is down, cached tokens are still served, their audit events wait in each
+//! replica's local spool, and they join the shared chain, once each, when
+//! the database is back. The `Store` contract is also checked directly, on
+//! sled and on PostgreSQL. Each test starts its own PostgreSQL cluster (see
+//! `support::postgres`).
 
 mod support;
 
@@ -583,24 +585,23 @@ async fn health_follows_database() {
     let id = register(&server, TENANT).await;
     wait_for_health(&server, ServingStatus::Serving).await;
 
-    // Cached from here on, so the token call below fails only for want of
-    // its audit event.
-    token_by_id(&server, &id).await.expect("token");
+    // Cached from here on, so the token call below needs the database only
+    // for its audit event, which goes to the spool instead.
+    let cached = token_by_id(&server, &id).await.expect("token");
 
     cluster.stop();
     wait_for_health(&server, ServingStatus::NotServing).await;
     let unavailable = get(&server, &id).await.expect_err("database is down");
     assert_eq!(unavailable.code(), Code::Unavailable, "{unavailable:?}");
-    // Alive, so a liveness probe does not restart it. The cached token is
-    // not handed out, because its audit event cannot be written.
+    // Alive, so a liveness probe does not restart it.
     assert_eq!(
         service_health(&server, stvault::LIVENESS_SERVICE).await,
         Some(ServingStatus::Serving as i32)
     );
-    let unaudited = token_by_id(&server, &id)
+    let served = token_by_id(&server, &id)
         .await
-        .expect_err("a token without its audit event");
-    assert_eq!(unaudited.code(), Code::Unavailable, "{unaudited:?}");
+        .expect("the cached token while the database is down");
+    assert_eq!(served.access_token, cached.access_token);
 
     cluster.restart();
     wait_for_health(&server, ServingStatus::Serving).await;
@@ -1326,57 +1327,279 @@ async fn verify_finds_edited_audit_rows() {
     assert!(!output.contains(postgres::PASSWORD), "{output}");
 }
 
+/// Returns the path of `server`'s audit spool.
+fn spool_path(server: &Server) -> PathBuf {
+    server.data_dir().join(stvault::audit::SPOOL_FILE)
+}
+
+/// Returns the events in `server`'s audit spool, oldest first; none when
+/// the spool file does not exist.
+fn spooled_events(server: &Server) -> Vec<stvault::audit::SpooledEvent> {
+    let Ok(text) = std::fs::read_to_string(spool_path(server)) else {
+        return Vec::new();
+    };
+    text.lines()
+        .map(|line| serde_json::from_str(line).expect("a spool line is one JSON event"))
+        .collect()
+}
+
+/// Waits until `server` has forwarded its spool and removed the file.
+async fn wait_for_empty_spool(server: &Server) {
+    let waited = within(READINESS_TIMEOUT, || async { !spool_path(server).exists() }).await;
+    assert!(
+        !spool_path(server).exists(),
+        "the spool was not forwarded within {waited:?}; log:\n{}",
+        server.logs()
+    );
+}
+
+/// Returns the value of the spooled-events gauge that `server` reports.
+async fn spooled_gauge(server: &Server) -> i64 {
+    let text = reqwest::get(format!("http://{}/metrics", server.metrics_addr()))
+        .await
+        .expect("scrape metrics")
+        .text()
+        .await
+        .expect("read metrics");
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("stvault_audit_spooled_events "))
+        .unwrap_or_else(|| panic!("no spooled-events gauge in:\n{text}"));
+    line.rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("a gauge value")
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn calls_fail_while_audit_database_is_down() {
+async fn replicas_serve_cached_tokens_during_outage() {
+    const TOKEN_CALLS: usize = 3;
+    const SHORT_TOKEN_LIFETIME: Duration = Duration::from_secs(4);
+    // Each replica's events during the outage: the token calls, one
+    // GetConnection and one call for an expired token.
+    const OUTAGE_EVENTS: usize = TOKEN_CALLS + 2;
     let cluster = Postgres::start();
     let url = cluster.create_database("vault").await;
     let fake = fake().await;
-    let server = Server::start_postgres(&fake, &url, &[]).await;
-    let id = register(&server, TENANT).await;
-    // Cached from here on, so the token calls below use the database only
-    // for their audit events.
-    token_by_id(&server, &id).await.expect("token");
+    let first =
+        Server::start_postgres(&fake, &url, &[("STVAULT_METRICS_LISTEN", "127.0.0.1:0")]).await;
+    let second = first.start_replica().await;
+    let replicas = [&first, &second];
+    let id = register(&first, TENANT).await;
+    // Each replica caches a token of its own.
+    let mut cached = Vec::new();
+    for replica in replicas {
+        cached.push(token_by_id(replica, &id).await.expect("token"));
+    }
+    // And a short-lived token of another connection, which expires during
+    // the outage.
+    let short_lived = register(&first, TENANT + 1).await;
+    fake.set_token_lifetime(SHORT_TOKEN_LIFETIME.as_secs() as i64);
+    let short_lived_fetched = Instant::now();
+    for replica in replicas {
+        token_by_id(replica, &short_lived).await.expect("token");
+    }
+    fake.set_token_lifetime(3600);
+    let before_outage = 6;
+    let token_requests = fake.token_requests();
 
+    let stopped_at = std::time::SystemTime::now();
     cluster.stop();
-    let mut failed = Vec::new();
-    let mut client = server.client().await;
-    for _ in 0..2 {
-        let request = pb::GetAccessTokenRequest {
+    for replica in replicas {
+        wait_for_health(replica, ServingStatus::NotServing).await;
+        assert_eq!(
+            service_health(replica, "").await,
+            Some(ServingStatus::NotServing as i32),
+            "overall health while the database is down"
+        );
+        assert_eq!(
+            service_health(replica, stvault::LIVENESS_SERVICE).await,
+            Some(ServingStatus::Serving as i32),
+            "liveness while the database is down"
+        );
+    }
+
+    // Cached tokens are served, and calls that need the database fail.
+    let mut served = Vec::new();
+    let mut refused = Vec::new();
+    for (replica, cached) in replicas.iter().zip(&cached) {
+        let mut client = replica.client().await;
+        for _ in 0..TOKEN_CALLS {
+            let request = pb::GetAccessTokenRequest {
+                connection_id: id.clone(),
+                ..Default::default()
+            };
+            let result = client.get_access_token(request).await;
+            served.push(request_id(&result));
+            let token = result.expect("a cached token while the database is down");
+            assert_eq!(token.into_inner().access_token, cached.access_token);
+        }
+        let request = pb::GetConnectionRequest {
             connection_id: id.clone(),
+        };
+        let result = client.get_connection(request).await;
+        refused.push(request_id(&result));
+        let status = result.expect_err("GetConnection needs the database");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("database"), "{status:?}");
+    }
+
+    // An expired token is not replaced while the database is down, since
+    // the connection may have been rotated or deleted meanwhile.
+    let expired_at = short_lived_fetched + SHORT_TOKEN_LIFETIME;
+    tokio::time::sleep_until((expired_at + Duration::from_millis(500)).into()).await;
+    for replica in replicas {
+        let mut client = replica.client().await;
+        let request = pb::GetAccessTokenRequest {
+            connection_id: short_lived.clone(),
             ..Default::default()
         };
         let result = client.get_access_token(request).await;
-        failed.push(request_id(&result));
-        let status = result.expect_err("a call whose event cannot be written");
+        refused.push(request_id(&result));
+        let status = result.expect_err("no new token while the database is down");
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-        assert!(status.message().contains("audit"), "{status:?}");
+        assert!(status.message().contains("database"), "{status:?}");
+    }
+    assert_eq!(
+        fake.token_requests(),
+        token_requests,
+        "a token was requested from ServiceTitan during the outage"
+    );
+
+    // Every call's event is in the spool of the replica that served it,
+    // with no secret or token.
+    for (replica, cached) in replicas.iter().zip(&cached) {
+        let spooled = spooled_events(replica);
+        assert_eq!(spooled.len(), OUTAGE_EVENTS, "{spooled:?}");
+        let positions: Vec<u64> = spooled.iter().map(|event| event.position).collect();
+        assert_eq!(positions, (1..=OUTAGE_EVENTS as u64).collect::<Vec<_>>());
+        assert_eq!(spooled_gauge(replica).await, OUTAGE_EVENTS as i64);
+        let text = std::fs::read_to_string(spool_path(replica)).unwrap();
+        for sentinel in [SECRET_1, APP_KEY, postgres::PASSWORD, &cached.access_token] {
+            assert!(!text.contains(sentinel), "the spool contains {sentinel}");
+        }
+        let mode = std::fs::metadata(spool_path(replica))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the spool is readable by others: {mode:o}");
     }
     let (code, output) = verify_audit(&url);
     assert_ne!(code, 0, "{output}");
-    assert!(output.contains("127.0.0.1"), "{output}");
-    assert!(!output.contains(postgres::PASSWORD), "{output}");
 
+    let restarted_at = std::time::SystemTime::now();
     cluster.restart();
-    wait_for_health(&server, ServingStatus::Serving).await;
-    token_by_id(&server, &id)
-        .await
-        .expect("token once the database is back");
+    for replica in replicas {
+        wait_for_health(replica, ServingStatus::Serving).await;
+        wait_for_empty_spool(replica).await;
+        assert_eq!(spooled_gauge(replica).await, 0);
+    }
+
+    // The spooled events are in the shared chain, once each, with the time
+    // and outcome of their calls.
+    let expected = before_outage + 2 * OUTAGE_EVENTS;
     let (code, output) = verify_audit(&url);
     assert_eq!(code, 0, "{output}");
-    assert!(output.contains("audit chain intact: 3 events"), "{output}");
-    let events = list_audit(&server, 1000).await;
-    assert_eq!(events.len(), 3);
-    assert!(events.iter().all(|event| event.code == "OK"), "{events:?}");
-    for request_id in &failed {
-        assert!(
-            events.iter().all(|event| &event.request_id != request_id),
-            "the failed call {request_id} has an event"
-        );
-    }
     assert!(
-        !server.logs().contains(postgres::PASSWORD),
+        output.contains(&format!("audit chain intact: {expected} events")),
+        "{output}"
+    );
+    let events = list_audit(&first, 1000).await;
+    assert_one_chain(&events);
+    assert_eq!(events.len(), expected);
+    for (request_ids, code) in [(&served, "OK"), (&refused, "UNAVAILABLE")] {
+        for request_id in request_ids {
+            let matching: Vec<_> = events
+                .iter()
+                .filter(|event| &event.request_id == request_id)
+                .collect();
+            assert_eq!(matching.len(), 1, "request {request_id}: {matching:?}");
+            let event = matching[0];
+            assert_eq!(event.code, code, "{event:?}");
+            let time = std::time::SystemTime::try_from(event.time.unwrap()).unwrap();
+            assert!(
+                stopped_at <= time && time <= restarted_at,
+                "event {} has the time it was forwarded, not the time of its call",
+                event.sequence
+            );
+        }
+    }
+    let client = connect(&url).await;
+    let spools = client
+        .query("SELECT forwarded_position FROM stvault_audit_spools", &[])
+        .await
+        .expect("read the spool progress");
+    let positions: Vec<i64> = spools.iter().map(|row| row.get(0)).collect();
+    assert_eq!(positions, [OUTAGE_EVENTS as i64; 2]);
+
+    // Calls that need the database work again, and their events go
+    // straight to the chain.
+    get(&second, &id).await.expect("get after recovery");
+    assert!(!spool_path(&second).exists());
+    assert!(
+        !first.logs().contains(postgres::PASSWORD),
         "the database password reached the log"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spool_forwarded_twice_enters_chain_once() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let mut server = Server::start_postgres(&fake, &url, &[]).await;
+    let id = register(&server, TENANT).await;
+    token_by_id(&server, &id).await.expect("token");
+
+    cluster.stop();
+    wait_for_health(&server, ServingStatus::NotServing).await;
+    for _ in 0..3 {
+        token_by_id(&server, &id)
+            .await
+            .expect("a cached token while the database is down");
+    }
+    let spool = std::fs::read(spool_path(&server)).expect("read the spool");
+    cluster.restart();
+    wait_for_empty_spool(&server).await;
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("audit chain intact: 5 events"), "{output}");
+
+    // A crash after the forwarding transaction committed, but before the
+    // spool file was removed, leaves the file behind: a restart finds it
+    // and forwards it again.
+    server.terminate();
+    std::fs::write(spool_path(&server), &spool).expect("put the spool back");
+    server.launch().await;
+    wait_for_empty_spool(&server).await;
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("audit chain intact: 5 events"), "{output}");
+    assert!(
+        server.logs().contains("already_forwarded=3"),
+        "{}",
+        server.logs()
+    );
+
+    // A spool forwarded only in part: its first three events are in the
+    // chain, and a fourth, added here, is not. Only the fourth is added.
+    server.terminate();
+    let mut longer = spool.clone();
+    let last_line = String::from_utf8(spool.clone())
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .replace("\"position\":3", "\"position\":4");
+    longer.extend_from_slice(last_line.as_bytes());
+    longer.push(b'\n');
+    std::fs::write(spool_path(&server), &longer).expect("write a longer spool");
+    server.launch().await;
+    wait_for_empty_spool(&server).await;
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("audit chain intact: 6 events"), "{output}");
 }
 
 /// Writes `count` chained events into the sled database of `data_dir`,

@@ -45,10 +45,11 @@ impl VaultService {
     /// inside a span, appends the audit event and logs the outcome with the
     /// caller, ids (recorded by the handler once known), code and latency.
     ///
-    /// The response is released only after its audit event is on disk (or
-    /// committed to PostgreSQL). If the event cannot be written, the call
-    /// fails with `UNAVAILABLE`. While appends keep failing, calls are
-    /// rejected before they act.
+    /// The response is released only after its audit event is on disk,
+    /// committed to PostgreSQL or, while PostgreSQL is unreachable, synced
+    /// to the local spool. If the event cannot be written, the call fails
+    /// with `UNAVAILABLE`. While appends keep failing, calls are rejected
+    /// before they act.
     pub(crate) async fn observe<R, T, F, Fut>(
         &self,
         rpc: Rpc,

@@ -130,7 +130,7 @@ mod tests {
         let verified = verify_data_dir(dir.path()).unwrap();
         assert_eq!((verified.events, verified.head_hash), (3, previous.clone()));
         let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
-        let next = log.append(draft("a", 1)).await.unwrap();
+        let next = crate::audit::tests::append(&log, draft("a", 1)).await;
         assert_eq!(next.event.previous_hash, previous);
     }
 }

@@ -2,7 +2,8 @@
 //! hash-chained, so an edited or deleted event is detectable by `stvault
 //! audit verify`. With sled storage the trail is a file in the data
 //! directory. With PostgreSQL it is a table in the database, where every
-//! replica appends to the same chain.
+//! replica appends to the same chain, and a local spool in the data
+//! directory keeps events while the database is unreachable.
 //!
 //! Events hold identities, ids and outcomes, never a secret, token, app key
 //! or a hash of one.
@@ -11,8 +12,10 @@ mod chain;
 mod file;
 mod legacy;
 mod postgres;
+mod spool;
 
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
@@ -28,6 +31,7 @@ pub use chain::{ChainBreak, Verified, VerifyError, verify_data_dir};
 pub use file::{EVENTS_FILE, HEAD_FILE, SyncPolicy};
 pub use legacy::import_legacy;
 pub use postgres::verify_database;
+pub use spool::{SPOOL_FILE, SpooledEvent};
 
 /// Reads the events of the trail file in `dir` as stored, oldest first,
 /// after checking its chain, and returns them with the verified chain.
@@ -87,9 +91,15 @@ pub struct AuditEvent {
 impl AuditEvent {
     /// Builds the event that follows `head` in the chain, timed now.
     fn after(head: &Head, draft: EventDraft) -> Self {
+        Self::at(head, SystemTime::now(), draft)
+    }
+
+    /// Builds the event that follows `head` in the chain for a call made
+    /// at `time`.
+    fn at(head: &Head, time: SystemTime, draft: EventDraft) -> Self {
         Self {
             sequence: head.sequence + 1,
-            time: SystemTime::now(),
+            time,
             request_id: draft.request_id,
             caller: draft.caller,
             auth_method: draft.auth_method,
@@ -110,8 +120,9 @@ impl AuditEvent {
     }
 }
 
-/// The fields of an event that the RPC layer fills in.
-#[derive(Clone, Debug, Default)]
+/// The fields of an event that the RPC layer fills in. Serialized only
+/// into the spool, with the same field names as `AuditEvent`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EventDraft {
     pub request_id: String,
     pub caller: String,
@@ -130,6 +141,16 @@ pub struct EventDraft {
 pub struct StoredEvent {
     pub event: AuditEvent,
     pub hash: String,
+}
+
+/// The place where an appended event was made durable.
+#[derive(Clone, Debug)]
+pub enum Appended {
+    /// In the chain, at its place.
+    Chained(Box<StoredEvent>),
+    /// In the local spool of a server on PostgreSQL, synced, until the
+    /// forwarder gives it a place in the chain.
+    Spooled,
 }
 
 /// Event filter of `AuditLog::list`. An unset field matches every event.
@@ -186,6 +207,18 @@ pub enum AuditError {
     /// The PostgreSQL trail could not be read or written.
     #[error("audit trail: {0}")]
     Database(#[from] StoreError),
+    /// A line of the local audit spool cannot be read, so its events
+    /// cannot be forwarded.
+    #[error(
+        "line {line} of the audit spool {} is not readable: {reason}; move the file aside \
+         to start, and keep it to inspect its events",
+        path.display()
+    )]
+    SpoolCorrupt {
+        path: PathBuf,
+        line: u64,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,10 +251,20 @@ impl AuditLog {
     }
 
     /// Opens the trail in the database of `store`, whose schema is up to
-    /// date. Appends continue the chain after the database's last event,
-    /// whichever server appended it.
-    pub fn open_postgres(store: &PostgresStore) -> Self {
-        Self::with_backend(Backend::Postgres(PostgresTrail::new(store.clone())))
+    /// date, with its spool in `spool_dir`. Appends continue the chain
+    /// after the database's last event, whichever server appended it.
+    /// Events left in the spool wait for `forward_spool`.
+    pub fn open_postgres(store: &PostgresStore, spool_dir: &Path) -> Result<Self, AuditError> {
+        let trail = PostgresTrail::with_spool(store.clone(), spool_dir)?;
+        Ok(Self::with_backend(Backend::Postgres(trail)))
+    }
+
+    /// Forwards spooled events to the chain in the database until
+    /// `stopping` turns true. Returns at once for a trail without a spool.
+    pub async fn forward_spool(&self, stopping: tokio::sync::watch::Receiver<bool>) {
+        if let Backend::Postgres(trail) = &self.backend {
+            trail.forward_spool(stopping).await;
+        }
     }
 
     fn with_backend(backend: Backend) -> Self {
@@ -263,15 +306,16 @@ impl AuditLog {
         }
     }
 
-    /// Appends an event and returns once it is on disk, or committed to
-    /// the database.
-    pub async fn append(&self, draft: EventDraft) -> Result<StoredEvent, AuditError> {
+    /// Appends an event and returns once it is on disk, committed to the
+    /// database, or, while the database is unreachable, synced to the
+    /// spool.
+    pub async fn append(&self, draft: EventDraft) -> Result<Appended, AuditError> {
         let result = self.append_inner(draft).await;
         self.healthy.store(result.is_ok(), Ordering::SeqCst);
         result
     }
 
-    async fn append_inner(&self, draft: EventDraft) -> Result<StoredEvent, AuditError> {
+    async fn append_inner(&self, draft: EventDraft) -> Result<Appended, AuditError> {
         #[cfg(test)]
         if self.fail_appends.load(Ordering::SeqCst) {
             return Err(AuditError::Unavailable(
@@ -279,14 +323,17 @@ impl AuditLog {
             ));
         }
         match &self.backend {
-            Backend::File(trail) => append_to_file(trail, draft).await,
+            Backend::File(trail) => append_to_file(trail, draft)
+                .await
+                .map(|stored| Appended::Chained(Box::new(stored))),
             Backend::Postgres(trail) => trail.append(draft).await,
         }
     }
 
     /// Returns up to `limit` events after sequence `after` that match
     /// `filter`, oldest first, reading at most `scan_limit` events. Only
-    /// events on disk, or committed, are read.
+    /// events on disk, or committed, are read: spooled events appear once
+    /// they are forwarded.
     pub async fn list(
         &self,
         after: u64,
@@ -431,19 +478,27 @@ mod tests {
         }
     }
 
+    /// Appends `draft` to a file trail and returns the stored event.
+    pub(super) async fn append(log: &AuditLog, draft: EventDraft) -> StoredEvent {
+        match log.append(draft).await.unwrap() {
+            Appended::Chained(stored) => *stored,
+            Appended::Spooled => panic!("a trail file never spools"),
+        }
+    }
+
     #[tokio::test]
     async fn appends_chain_and_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
-        let first = log.append(draft("a", 1)).await.unwrap();
-        let second = log.append(draft("b", 2)).await.unwrap();
+        let first = append(&log, draft("a", 1)).await;
+        let second = append(&log, draft("b", 2)).await;
         assert_eq!(first.event.sequence, 1);
         assert_eq!(first.event.previous_hash, GENESIS_HASH);
         assert_eq!(second.event.previous_hash, first.hash);
         drop(log);
 
         let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
-        let third = log.append(draft("c", 3)).await.unwrap();
+        let third = append(&log, draft("c", 3)).await;
         assert_eq!(third.event.sequence, 3);
         assert_eq!(third.event.previous_hash, second.hash);
         drop(log);
@@ -461,9 +516,7 @@ mod tests {
                 let log = log.clone();
                 tokio::spawn(async move {
                     for i in 0..50 {
-                        log.append(draft(&format!("caller-{task}"), i))
-                            .await
-                            .unwrap();
+                        append(&log, draft(&format!("caller-{task}"), i)).await;
                     }
                 })
             })
@@ -496,7 +549,7 @@ mod tests {
         let policy = SyncPolicy::Within(std::time::Duration::from_millis(5));
         let log = AuditLog::open(dir.path(), policy).unwrap();
         for i in 0..20 {
-            let stored = log.append(draft("a", i)).await.unwrap();
+            let stored = append(&log, draft("a", i)).await;
             // On disk (in the page cache) as soon as the append returns.
             let text = std::fs::read_to_string(dir.path().join(EVENTS_FILE)).unwrap();
             assert_eq!(text.lines().count() as u64, stored.event.sequence);
@@ -511,14 +564,14 @@ mod tests {
         let verified = verify_data_dir(dir.path()).unwrap();
         assert_eq!(verified.events, 20);
         let log = AuditLog::open(dir.path(), policy).unwrap();
-        assert_eq!(log.append(draft("b", 1)).await.unwrap().event.sequence, 21);
+        assert_eq!(append(&log, draft("b", 1)).await.event.sequence, 21);
     }
 
     #[tokio::test]
     async fn incomplete_last_line_is_dropped_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
-        let first = log.append(draft("a", 1)).await.unwrap();
+        let first = append(&log, draft("a", 1)).await;
         drop(log);
         let path = dir.path().join(EVENTS_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
@@ -526,7 +579,7 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
 
         let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
-        let second = log.append(draft("b", 2)).await.unwrap();
+        let second = append(&log, draft("b", 2)).await;
         assert_eq!(second.event.sequence, 2);
         assert_eq!(second.event.previous_hash, first.hash);
         drop(log);
@@ -537,8 +590,8 @@ mod tests {
     async fn deleted_tail_refuses_open() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
-        log.append(draft("a", 1)).await.unwrap();
-        log.append(draft("b", 2)).await.unwrap();
+        append(&log, draft("a", 1)).await;
+        append(&log, draft("b", 2)).await;
         drop(log);
 
         let path = dir.path().join(EVENTS_FILE);
@@ -562,9 +615,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
         for i in 0..10 {
-            log.append(draft(if i % 2 == 0 { "even" } else { "odd" }, i))
-                .await
-                .unwrap();
+            append(&log, draft(if i % 2 == 0 { "even" } else { "odd" }, i)).await;
         }
         let filter = Filter {
             caller: Some("even".into()),
@@ -602,7 +653,7 @@ mod tests {
         assert!(log.append(draft("a", 1)).await.is_err());
         assert!(!log.is_healthy());
         log.fail_appends(false);
-        let event = log.append(draft("a", 1)).await.unwrap();
+        let event = append(&log, draft("a", 1)).await;
         assert_eq!(event.event.sequence, 1);
         assert!(log.is_healthy());
     }

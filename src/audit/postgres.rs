@@ -8,9 +8,19 @@
 //! writer task takes every event queued while the previous transaction ran
 //! and commits them together, so throughput does not fall to one
 //! transaction per call.
+//!
+//! When the database cannot be reached, the writer syncs the batch to the
+//! local spool (`spool.rs`) instead, and later batches follow it there
+//! until the spool is empty again. A forwarder task appends spooled events
+//! to the chain in spool order. The transaction that appends them also
+//! records the spool's id and last forwarded position in
+//! `stvault_audit_spools`, so each spooled event enters the chain once,
+//! even when the spool outlives a crash.
 
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::GenericClient;
 use tokio::sync::oneshot;
@@ -19,8 +29,13 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::chain::{ChainCheck, Verified, VerifyError, broken};
-use super::{AuditError, AuditEvent, EventDraft, Head, Page, PageBuilder, StoredEvent, hash_hex};
+use super::spool::Spool;
+use super::{
+    Appended, AuditError, AuditEvent, EventDraft, Head, Page, PageBuilder, StoredEvent, hash_hex,
+};
 use crate::store::{DatabaseSettings, PostgresStore, StoreError};
+
+mod spooling;
 
 /// Most events committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -30,7 +45,6 @@ const READ_CHUNK: i64 = 1000;
 /// commit, before its calls fail. It covers a wait for another server's
 /// batch to release the head row.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
 const SELECT_HEAD: &str = "SELECT sequence, hash FROM stvault_audit_head";
 const LOCK_HEAD: &str = "SELECT sequence, hash FROM stvault_audit_head FOR UPDATE";
 const UPDATE_HEAD: &str = "UPDATE stvault_audit_head SET sequence = $1, hash = $2";
@@ -38,7 +52,6 @@ const INSERT_EVENTS: &str = "INSERT INTO stvault_audit_events (sequence, event, 
      SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::text[])";
 const EVENTS_AFTER: &str = "SELECT sequence, event, hash FROM stvault_audit_events \
      WHERE sequence > $1 ORDER BY sequence LIMIT $2";
-
 /// The trail in the database of a `PostgresStore`, sharing its pool.
 pub struct PostgresTrail {
     shared: Arc<Shared>,
@@ -47,6 +60,9 @@ pub struct PostgresTrail {
 struct Shared {
     store: PostgresStore,
     queue: Mutex<Queue>,
+    /// The spool that takes batches while the database is unreachable. A
+    /// trail opened only to import events has none.
+    spool: Option<Arc<tokio::sync::Mutex<Spool>>>,
 }
 
 /// Appends waiting for the writer task.
@@ -58,8 +74,10 @@ struct Queue {
 }
 
 struct Waiting {
+    /// When the call appended its event, which becomes the event's time.
+    time: SystemTime,
     draft: EventDraft,
-    reply: oneshot::Sender<Result<StoredEvent, AuditError>>,
+    reply: oneshot::Sender<Result<Appended, AuditError>>,
 }
 
 /// One row of `stvault_audit_events`.
@@ -70,11 +88,36 @@ struct EventRow {
 }
 
 impl PostgresTrail {
+    /// Opens the trail without a spool, so appends fail while the database
+    /// is unreachable.
     pub fn new(store: PostgresStore) -> Self {
+        Self::build(store, None)
+    }
+
+    /// Opens the trail with the spool in `spool_dir`, which may hold events
+    /// left by an earlier run.
+    pub fn with_spool(store: PostgresStore, spool_dir: &Path) -> Result<Self, AuditError> {
+        let spool = Spool::open(spool_dir)?;
+        let waiting = spool.unforwarded();
+        if waiting > 0 {
+            tracing::info!(
+                events = waiting,
+                "the audit spool holds events from an earlier run; forwarding them to the database"
+            );
+        }
+        crate::metrics::set_audit_spooled(waiting);
+        Ok(Self::build(
+            store,
+            Some(Arc::new(tokio::sync::Mutex::new(spool))),
+        ))
+    }
+
+    fn build(store: PostgresStore, spool: Option<Arc<tokio::sync::Mutex<Spool>>>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 store,
                 queue: Mutex::new(Queue::default()),
+                spool,
             }),
         }
     }
@@ -132,12 +175,14 @@ impl PostgresTrail {
         Ok(head)
     }
 
-    /// Appends an event and returns once its transaction has committed.
-    pub async fn append(&self, draft: EventDraft) -> Result<StoredEvent, AuditError> {
+    /// Appends an event and returns once its transaction has committed or,
+    /// while the database is unreachable, once it is synced to the spool.
+    pub async fn append(&self, draft: EventDraft) -> Result<Appended, AuditError> {
         let (reply, outcome) = oneshot::channel();
+        let time = SystemTime::now();
         let start_writer = {
             let mut queue = self.shared.lock();
-            queue.waiting.push(Waiting { draft, reply });
+            queue.waiting.push(Waiting { time, draft, reply });
             !std::mem::replace(&mut queue.writing, true)
         };
         // The writer runs in a task of its own, so a caller that gives up
@@ -179,13 +224,83 @@ impl Shared {
             .expect("the audit queue lock is never poisoned")
     }
 
-    /// Numbers `drafts` after the head, inserts them and moves the head, in
-    /// one transaction.
-    async fn write(&self, drafts: Vec<EventDraft>) -> Result<Vec<StoredEvent>, StoreError> {
+    /// Numbers `entries` after the head, inserts them and moves the head,
+    /// in one transaction. When it fails, `commit_sent` records whether the
+    /// commit had been sent, in which case the transaction may have
+    /// committed.
+    async fn write(
+        &self,
+        entries: &[(SystemTime, EventDraft)],
+        commit_sent: &AtomicBool,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let store = &self.store;
         let error = |e| store.error(e);
         let mut client = store.client().await?;
         let transaction = client.transaction().await.map_err(error)?;
+        let stored = self.insert_after_head(&transaction, entries).await?;
+        commit_sent.store(true, Ordering::SeqCst);
+        transaction.commit().await.map_err(error)?;
+        Ok(stored)
+    }
+
+    /// Writes a batch to the chain or, while the database is unreachable
+    /// or the spool contains events, to the spool.
+    async fn write_or_spool(
+        &self,
+        entries: Vec<(SystemTime, EventDraft)>,
+    ) -> Result<Vec<Appended>, AuditError> {
+        if let Some(spool) = &self.spool {
+            // Events follow those already spooled, so one server's events
+            // reach the chain in the order of its calls.
+            if spool.lock().await.is_active() {
+                return self.spool(spool, entries).await;
+            }
+        }
+        let commit_sent = AtomicBool::new(false);
+        let count = entries.len();
+        let written = tokio::time::timeout(WRITE_TIMEOUT, self.write(&entries, &commit_sent))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "{}: the audit transaction did not commit within {} s",
+                    self.store.target(),
+                    WRITE_TIMEOUT.as_secs()
+                )))
+            });
+        let error = match written {
+            Ok(events) => {
+                let chained = events
+                    .into_iter()
+                    .map(|event| Appended::Chained(Box::new(event)));
+                return Ok(chained.collect());
+            }
+            Err(error) => error,
+        };
+        // Spooling a batch whose commit may have succeeded could put its
+        // events in the chain twice, so its calls fail instead.
+        let in_doubt = commit_sent.load(Ordering::SeqCst);
+        if let (StoreError::Unavailable(_), false, Some(spool)) = (&error, in_doubt, &self.spool) {
+            tracing::warn!(
+                %error,
+                events = count,
+                "the database is unreachable; audit events go to the local spool until it is back"
+            );
+            return self.spool(spool, entries).await;
+        }
+        Err(AuditError::Unavailable(format!(
+            "cannot write the audit trail: {error}"
+        )))
+    }
+
+    /// Numbers `entries` after the head, which it locks, inserts them and
+    /// moves the head, within `transaction`.
+    async fn insert_after_head(
+        &self,
+        transaction: &deadpool_postgres::Transaction<'_>,
+        entries: &[(SystemTime, EventDraft)],
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let store = &self.store;
+        let error = |e| store.error(e);
         let lock_head = transaction.prepare_cached(LOCK_HEAD).await.map_err(error)?;
         let row = transaction
             .query_one(&lock_head, &[])
@@ -193,12 +308,12 @@ impl Shared {
             .map_err(error)?;
         let mut head = head_of(store, &row)?;
 
-        let mut stored = Vec::with_capacity(drafts.len());
-        let mut sequences = Vec::with_capacity(drafts.len());
-        let mut events = Vec::with_capacity(drafts.len());
-        let mut hashes = Vec::with_capacity(drafts.len());
-        for draft in drafts {
-            let event = AuditEvent::after(&head, draft);
+        let mut stored = Vec::with_capacity(entries.len());
+        let mut sequences = Vec::with_capacity(entries.len());
+        let mut events = Vec::with_capacity(entries.len());
+        let mut hashes = Vec::with_capacity(entries.len());
+        for (time, draft) in entries {
+            let event = AuditEvent::at(&head, *time, draft.clone());
             let bytes = event.encode();
             head = Head {
                 sequence: event.sequence,
@@ -230,7 +345,6 @@ impl Shared {
             transaction.execute(&update, &update_params),
         )
         .map_err(error)?;
-        transaction.commit().await.map_err(error)?;
         Ok(stored)
     }
 }
@@ -240,7 +354,7 @@ impl Shared {
 /// NOTE: when the connection drops or the batch times out while its commit
 /// is in flight, the batch may have committed although its calls fail. The
 /// chain stays whole either way, since the head moves in the same
-/// transaction.
+/// transaction. Such a batch is not spooled.
 async fn write_queued(shared: Arc<Shared>) {
     loop {
         let batch: Vec<Waiting> = {
@@ -252,29 +366,20 @@ async fn write_queued(shared: Arc<Shared>) {
             let count = queue.waiting.len().min(MAX_BATCH);
             queue.waiting.drain(..count).collect()
         };
-        let (drafts, replies): (Vec<_>, Vec<_>) = batch
+        let (entries, replies): (Vec<_>, Vec<_>) = batch
             .into_iter()
-            .map(|waiting| (waiting.draft, waiting.reply))
+            .map(|waiting| ((waiting.time, waiting.draft), waiting.reply))
             .unzip();
-        let count = drafts.len();
-        let written = tokio::time::timeout(WRITE_TIMEOUT, shared.write(drafts))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(format!(
-                    "{}: the audit transaction did not commit within {} s",
-                    shared.store.target(),
-                    WRITE_TIMEOUT.as_secs()
-                )))
-            });
-        match written {
-            Ok(events) => {
-                for (reply, event) in replies.into_iter().zip(events) {
+        let count = entries.len();
+        match shared.write_or_spool(entries).await {
+            Ok(appended) => {
+                for (reply, event) in replies.into_iter().zip(appended) {
                     let _ = reply.send(Ok(event));
                 }
             }
             Err(error) => {
                 tracing::error!(%error, events = count, "an audit batch was not written; its calls fail");
-                let reason = format!("cannot write the audit trail: {error}");
+                let reason = error.to_string();
                 for reply in replies {
                     let _ = reply.send(Err(AuditError::Unavailable(reason.clone())));
                 }

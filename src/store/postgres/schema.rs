@@ -16,7 +16,8 @@ struct Migration {
 }
 
 /// Every migration, in the order they apply. Never edit a released one:
-/// add the next instead.
+/// add the next instead. `migrate` applies every listed version that the
+/// database lacks, in list order.
 const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -32,6 +33,11 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "tokens",
         sql: include_str!("migrations/0003_tokens.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "audit_spool",
+        sql: include_str!("migrations/0004_audit_spool.sql"),
     },
     Migration {
         version: 5,

@@ -124,6 +124,14 @@ async fn cold_burst_over_two_replicas_costs_one_request() {
     }
     assert_eq!(tokens.len(), 1, "every caller gets the same token");
     assert_shared(&[&first, &second]);
+    // Each RPC's log line names its connection and tenant once.
+    let logs = first.logs();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("GetAccessToken") && line.contains("rpc finished"))
+        .expect("a GetAccessToken log line");
+    assert_eq!(line.matches("connection.id=").count(), 1, "{line}");
+    assert_eq!(line.matches("tenant.id=").count(), 1, "{line}");
     assert_eq!(fake.token_requests() - before, 1);
 
     // The stored token is sealed: neither its text nor any secret is in

@@ -50,13 +50,20 @@ pub fn record_connection(record: &ConnectionRecord) {
 /// Records a connection's ids in the RPC's span and audit event.
 pub fn record_ids(connection_id: &str, environment: Environment, tenant_id: i64) {
     let span = tracing::Span::current();
-    span.record("connection.id", connection_id);
-    span.record("tenant.id", tenant_id);
+    // The log formatter appends every value recorded, so a field already
+    // recorded with the same value is left alone.
+    let (mut known_id, mut known_tenant) = (None, None);
     update(|subject| {
-        subject.connection_id = Some(connection_id.to_owned());
+        known_id = subject.connection_id.replace(connection_id.to_owned());
+        known_tenant = subject.tenant_id.replace(tenant_id);
         subject.environment = Some(environment);
-        subject.tenant_id = Some(tenant_id);
     });
+    if known_id.as_deref() != Some(connection_id) {
+        span.record("connection.id", connection_id);
+    }
+    if known_tenant != Some(tenant_id) {
+        span.record("tenant.id", tenant_id);
+    }
 }
 
 /// Records the connection id an RPC names, before it is looked up.

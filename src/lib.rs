@@ -359,16 +359,20 @@ pub async fn serve(
             stop_requested.clone(),
         ))
     });
-    // Rotations and deletions made through other servers drop what this
-    // one cached of the connection.
+    // Rotations and deletions made through any server drop what this one
+    // cached of the connection. Other writes to it keep the cache.
     let changes = store.is_shared().then(|| {
-        let broker = opened.vault.broker().clone();
+        let vault = opened.vault.clone();
         let store = store.clone();
         let stopping = stop_requested.clone();
         tokio::spawn(async move {
             let on_change = |change: store::Change<'_>| match change {
-                store::Change::Connection(id) => broker.invalidate(id),
-                store::Change::Unknown => broker.invalidate_all(),
+                store::Change::Connection(id) => {
+                    let vault = vault.clone();
+                    let id = id.to_owned();
+                    tokio::spawn(async move { vault.forget_if_changed(&id).await });
+                }
+                store::Change::Unknown => vault.broker().invalidate_all(),
             };
             store.watch_changes(on_change, stopping).await;
         })

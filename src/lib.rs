@@ -421,19 +421,24 @@ pub async fn serve(
         let stopping = stop_requested.clone();
         tokio::spawn(async move { audit.forward_spool(stopping).await })
     });
-    // Rotations and deletions made through other servers drop what this
-    // one cached of the connection.
+    // Rotations and deletions made through any server drop what this one
+    // cached of the connection; other writes to it keep the cache. A
+    // policy stored by another server is put in force here.
     let changes = store.is_shared().then(|| {
-        let broker = opened.vault.broker().clone();
+        let vault = opened.vault.clone();
         let policy_sync = opened.policy_sync.clone();
         let store = store.clone();
         let stopping = stop_requested.clone();
         tokio::spawn(async move {
             let on_change = |change: store::Change<'_>| match change {
-                store::Change::Connection(id) => broker.invalidate(id),
+                store::Change::Connection(id) => {
+                    let vault = vault.clone();
+                    let id = id.to_owned();
+                    tokio::spawn(async move { vault.forget_if_changed(&id).await });
+                }
                 store::Change::Policy => apply_shared_policy(&policy_sync),
                 store::Change::Unknown => {
-                    broker.invalidate_all();
+                    vault.broker().invalidate_all();
                     apply_shared_policy(&policy_sync);
                 }
             };

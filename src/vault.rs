@@ -637,6 +637,39 @@ impl Vault {
         Ok(record)
     }
 
+    /// Drops the cached token and credentials of connection `id` after a
+    /// committed write to it, unless the cached credentials are still the
+    /// stored current ones. A write that leaves them alone, such as a
+    /// staged or discarded rotation, a health check or a settings change,
+    /// thus keeps the cached token, as the sled store does. A failed read
+    /// drops the cache.
+    pub async fn forget_if_changed(&self, id: &str) {
+        let Ok(slot) = self.broker.slot(id) else {
+            // Nothing is cached, but a call may be about to cache
+            // credentials it read before the write. Invalidating makes
+            // `Broker::install` reject them.
+            self.broker.invalidate(id);
+            return;
+        };
+        let unchanged = match self.get(id).await {
+            Ok(record) => self
+                .open_current(&record)
+                .is_ok_and(|current| same_credentials(&current, &slot.credentials)),
+            Err(VaultError::NotFound(_)) => false,
+            Err(error) => {
+                tracing::warn!(
+                    connection.id = %id,
+                    %error,
+                    "cannot read a connection changed in the database; dropping its cached token"
+                );
+                false
+            }
+        };
+        if !unchanged {
+            self.broker.invalidate(id);
+        }
+    }
+
     /// Returns a token for the connection with at least `min_valid_for`
     /// left, from the cache when possible.
     pub async fn access_token(
@@ -750,6 +783,15 @@ impl Vault {
         }
         Ok(cleaned)
     }
+}
+
+/// Returns whether `a` and `b` are the same credential version holding the
+/// same client id, client secret and app key.
+fn same_credentials(a: &Credentials, b: &Credentials) -> bool {
+    a.version == b.version
+        && a.client_id == b.client_id
+        && a.client_secret.ct_eq(&b.client_secret)
+        && a.app_key.ct_eq(&b.app_key)
 }
 
 /// Makes version `number` current and the former current one previous.

@@ -1,6 +1,8 @@
 //! The audit trail against the real binary: one event per RPC, allowed or
 //! denied, no secrets in events, chain verification of edited and deleted
-//! events, and the token-holder query with grpcurl.
+//! events, and the token-holder query with grpcurl. All but the chain
+//! verification, which edits the sled trail file, run on sled and on
+//! PostgreSQL.
 
 mod support;
 
@@ -10,6 +12,7 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 use stvault::pb;
+use support::backend::Backend;
 use support::callers::{Key, write_policy};
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::server::{Server, grpcurl, json, request_id, run_command};
@@ -24,6 +27,13 @@ const SECRET_2: &str = "cs2.SENTINEL-secret-93ce";
 const APP_KEY: &str = "ak1.SENTINEL-appkey-77aa";
 const TENANT_A: i64 = 8450;
 const TENANT_B: i64 = 9001;
+
+backend_tests!(
+    every_rpc_appends_one_event,
+    events_hold_no_secrets,
+    token_holders_of_a_credential_version,
+    cancelled_rotation_is_still_audited,
+);
 
 async fn fake() -> FakeServiceTitan {
     let fake = FakeServiceTitan::start().await;
@@ -41,7 +51,7 @@ struct Callers {
     biller: Key,
 }
 
-async fn start(fake: &FakeServiceTitan, dir: &Path) -> (Server, Callers) {
+async fn start(backend: Backend, fake: &FakeServiceTitan, dir: &Path) -> (Server, Callers) {
     let callers = Callers {
         linker: Key::new("linker"),
         operator: Key::new("operator"),
@@ -58,7 +68,8 @@ async fn start(fake: &FakeServiceTitan, dir: &Path) -> (Server, Callers) {
                 .entry(r#"["token"]"#, Some(&format!("[{TENANT_A}]")))
         ),
     );
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         fake,
         fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
@@ -115,11 +126,10 @@ async fn list_all(client: &mut Client, operator: &Key) -> Vec<pb::AuditEvent> {
     page.events
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_rpc_appends_one_event() {
+async fn every_rpc_appends_one_event(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
-    let (server, callers) = start(&fake, dir.path()).await;
+    let (server, callers) = start(backend, &fake, dir.path()).await;
     let mut client = server.client().await;
     let mut expected = Vec::new();
     let mut expect = |rpc, caller, code, request_id, credential_version| {
@@ -401,11 +411,10 @@ async fn every_rpc_appends_one_event() {
     assert_eq!(denied.code(), Code::PermissionDenied);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn events_hold_no_secrets() {
+async fn events_hold_no_secrets(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, callers) = start(&fake, dir.path()).await;
+    let (mut server, callers) = start(backend, &fake, dir.path()).await;
     let mut client = server.client().await;
     let id = client
         .register_connection(callers.linker.request(register_request()))
@@ -438,7 +447,7 @@ async fn events_hold_no_secrets() {
     .to_string();
     assert_eq!(server.terminate().code(), Some(0));
 
-    let stored = std::fs::read_to_string(server.data_dir().join("audit.jsonl")).unwrap();
+    let stored = stored_trail(&server);
     assert!(stored.contains("GetAccessToken"), "{stored}");
 
     let sentinels = [
@@ -462,6 +471,15 @@ async fn events_hold_no_secrets() {
         }
     }
     assert!(!stored.contains("SENTINEL"));
+}
+
+/// Returns the stored audit trail as text: the trail file on sled, or on
+/// PostgreSQL the database's dump, which contains the audit table.
+fn stored_trail(server: &Server) -> String {
+    match &server.database {
+        None => std::fs::read_to_string(server.data_dir().join("audit.jsonl")).unwrap(),
+        Some(database) => String::from_utf8_lossy(&database.dump()).into_owned(),
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -510,7 +528,7 @@ fn edit_caller(events: &mut [String], sequence: usize, caller: &str) {
 async fn verify_detects_edited_and_deleted_events() {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, callers) = start(&fake, dir.path()).await;
+    let (mut server, callers) = start(Backend::Sled, &fake, dir.path()).await;
     let mut client = server.client().await;
     client
         .register_connection(callers.linker.request(register_request()))
@@ -594,8 +612,7 @@ async fn verify_detects_edited_and_deleted_events() {
     assert!(output.contains("audit chain intact: 8 events"), "{output}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn token_holders_of_a_credential_version() {
+async fn token_holders_of_a_credential_version(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let linker = Key::new("linker");
@@ -612,7 +629,8 @@ async fn token_holders_of_a_credential_version() {
         ]
         .concat(),
     );
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
@@ -681,10 +699,9 @@ async fn token_holders_of_a_credential_version() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cancelled_rotation_is_still_audited() {
+async fn cancelled_rotation_is_still_audited(backend: Backend) {
     let fake = fake().await;
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let mut client = server.client().await;
     let id = client
         .register_connection(register_request())

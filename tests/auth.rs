@@ -1,6 +1,7 @@
 //! Caller identity and authorization against the real binary: TLS and
 //! mutual TLS with certificates made here, bearer keys, the role policy,
-//! tenant limits, SIGHUP reload and the startup rules.
+//! tenant limits, SIGHUP reload and the startup rules. Every test that
+//! starts a server runs on sled and on PostgreSQL.
 
 mod support;
 
@@ -8,6 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use stvault::pb;
+use support::backend::Backend;
 use support::callers::{Key, write_policy};
 use support::certs::Pki;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
@@ -23,6 +25,19 @@ const TENANT_B: i64 = 9001;
 
 const ADMIN_URI: &str = "spiffe://stvault.test/admin";
 const BILLING_URI: &str = "spiffe://stvault.test/billing";
+
+backend_tests!(
+    mtls_identity_from_certificate,
+    mtls_rejects_bad_client_certificates,
+    tls_with_bearer_key,
+    every_role_against_every_rpc,
+    token_caller_limited_to_its_tenants,
+    missing_or_unknown_credentials_unauthenticated,
+    sighup_reload_denies_removed_caller,
+    open_watch_ends_when_its_caller_is_removed,
+    open_mode_warns_at_startup,
+    keygen_output_works_as_policy,
+);
 
 /// Starts a fake ServiceTitan with an app for tenants A and B.
 async fn fake() -> FakeServiceTitan {
@@ -64,7 +79,7 @@ fn by_connection(id: &str) -> pb::GetAccessTokenRequest {
 
 /// Starts stvault with mutual TLS: server certificate, client CA and a
 /// policy naming the admin and billing certificates.
-async fn start_mtls(fake: &FakeServiceTitan, pki: &Pki, dir: &Path) -> Server {
+async fn start_mtls(backend: Backend, fake: &FakeServiceTitan, pki: &Pki, dir: &Path) -> Server {
     let server_files = pki.server();
     let policy = write_policy(
         dir,
@@ -73,7 +88,8 @@ async fn start_mtls(fake: &FakeServiceTitan, pki: &Pki, dir: &Path) -> Server {
              [[caller]]\ncertificate = \"{BILLING_URI}\"\nroles = [\"token\"]\ntenants = [{TENANT_A}]\n"
         ),
     );
-    Server::start_with(
+    Server::start_on(
+        backend,
         fake,
         fake,
         &[
@@ -86,12 +102,11 @@ async fn start_mtls(fake: &FakeServiceTitan, pki: &Pki, dir: &Path) -> Server {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn mtls_identity_from_certificate() {
+async fn mtls_identity_from_certificate(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "good");
-    let server = start_mtls(&fake, &pki, dir.path()).await;
+    let server = start_mtls(backend, &fake, &pki, dir.path()).await;
     assert!(server.logs().contains("tls=\"mutual\"") || server.logs().contains("tls=mutual"));
     let admin = pki.client("admin", ADMIN_URI);
     let billing = pki.client("billing", BILLING_URI);
@@ -184,12 +199,11 @@ async fn assert_rejected(
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn mtls_rejects_bad_client_certificates() {
+async fn mtls_rejects_bad_client_certificates(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "good");
-    let server = start_mtls(&fake, &pki, dir.path()).await;
+    let server = start_mtls(backend, &fake, &pki, dir.path()).await;
     let other_ca = Pki::new(dir.path(), "unknown");
     let foreign = other_ca.client("admin", ADMIN_URI);
     let expired = pki.expired_client("expired", ADMIN_URI);
@@ -245,15 +259,15 @@ async fn mtls_rejects_bad_client_certificates() {
         .expect("admin lists over mutual TLS");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tls_with_bearer_key() {
+async fn tls_with_bearer_key(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "good");
     let server_files = pki.server();
     let ops = Key::new("ops");
     let policy = write_policy(dir.path(), &ops.entry(r#"["admin"]"#, None));
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[
@@ -408,8 +422,7 @@ const RPCS: [&str; 11] = [
     "ListAuditEvents",
 ];
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_role_against_every_rpc() {
+async fn every_role_against_every_rpc(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let callers: Vec<(Key, &[&str])> = vec![
@@ -433,7 +446,8 @@ async fn every_role_against_every_rpc() {
         policy.push_str(&key.entry(&roles_toml, tenants));
     }
     let policy = write_policy(dir.path(), &policy);
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
@@ -507,8 +521,7 @@ async fn every_role_against_every_rpc() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn token_caller_limited_to_its_tenants() {
+async fn token_caller_limited_to_its_tenants(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let linker = Key::new("linker");
@@ -521,7 +534,8 @@ async fn token_caller_limited_to_its_tenants() {
             biller.entry(r#"["token"]"#, Some(&format!("[{TENANT_A}]")))
         ),
     );
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
@@ -598,13 +612,13 @@ async fn token_caller_limited_to_its_tenants() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn missing_or_unknown_credentials_unauthenticated() {
+async fn missing_or_unknown_credentials_unauthenticated(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let ops = Key::new("ops");
     let policy = write_policy(dir.path(), &ops.entry(r#"["admin"]"#, None));
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
@@ -661,8 +675,7 @@ async fn missing_or_unknown_credentials_unauthenticated() {
     assert!(json(&output).is_object());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sighup_reload_denies_removed_caller() {
+async fn sighup_reload_denies_removed_caller(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let ops = Key::new("ops");
@@ -675,7 +688,8 @@ async fn sighup_reload_denies_removed_caller() {
             auditor.entry(r#"["admin"]"#, None)
         ),
     );
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
@@ -736,8 +750,7 @@ async fn sighup_reload_denies_removed_caller() {
     assert_eq!(token.code(), Code::NotFound, "{token:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn open_watch_ends_when_its_caller_is_removed() {
+async fn open_watch_ends_when_its_caller_is_removed(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let ops = Key::new("ops");
@@ -748,7 +761,8 @@ async fn open_watch_ends_when_its_caller_is_removed() {
         auditor.entry(r#"["admin"]"#, None)
     );
     let policy = write_policy(dir.path(), &both);
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
@@ -879,10 +893,9 @@ async fn startup_rejects_unsafe_or_invalid_settings() {
     assert!(output.contains("STVAULT_TLS_CERT"), "{output}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn open_mode_warns_at_startup() {
+async fn open_mode_warns_at_startup(backend: Backend) {
     let fake = fake().await;
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     assert!(
         server
             .logs()
@@ -892,8 +905,7 @@ async fn open_mode_warns_at_startup() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn keygen_output_works_as_policy() {
+async fn keygen_output_works_as_policy(backend: Backend) {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();
     let (code, output) = run_command(
@@ -918,7 +930,8 @@ async fn keygen_output_works_as_policy() {
     assert!(entry.contains("tenants = [8450, 9001]"), "{entry}");
     assert!(!entry.contains(&key), "the entry holds only the hash");
     let policy = write_policy(dir.path(), entry);
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &fake,
         &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],

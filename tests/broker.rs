@@ -8,7 +8,7 @@
 //! Tests whose point is the wire (single flight under 500 concurrent gRPC
 //! calls, statuses and their details, a hanging HTTP endpoint, isolation of
 //! tenants) run the real server against the fake ServiceTitan on real time,
-//! with short delays and timeouts.
+//! with short delays and timeouts, on sled and on PostgreSQL.
 
 mod support;
 
@@ -32,6 +32,7 @@ use stvault::secret::SecretString;
 use stvault::servicetitan::{
     ClientConfig, Endpoints, IssuedToken, ServiceTitanClient, TokenClaims, TokenError,
 };
+use support::backend::{Backend, Database, contains};
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan, Fault};
 use tokio::time::Instant;
 use tonic::Code;
@@ -336,18 +337,31 @@ async fn valid_token_served_through_outage() {
 
 // === the real server against the fake ServiceTitan, on real time ===
 
+backend_tests!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    cold_callers_share_one_request,
+    failed_request_reaches_waiters_then_retries,
+    rate_limit_returns_retry_info,
+    hanging_endpoint_is_bounded,
+    shared_credentials_keep_tokens_apart,
+    tokens_never_reach_disk,
+    concurrent_registrations_finish,
+);
+
 struct Server {
     addr: std::net::SocketAddr,
     client: CredentialVaultClient<Channel>,
     data_dir: tempfile::TempDir,
+    database: Option<Database>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    /// Starts stvault with production on `production` and integration on
-    /// `integration`, both loopback fakes.
+    /// Starts stvault on `backend` with production on `production` and
+    /// integration on `integration`, both loopback fakes.
     async fn start(
+        backend: Backend,
         production: &FakeServiceTitan,
         integration: &FakeServiceTitan,
         upstream_timeout: Duration,
@@ -359,10 +373,15 @@ impl Server {
             api_url: fake.api_url().parse().unwrap(),
         };
         let (_, key_text) = MasterKey::generate();
+        let database = match backend {
+            Backend::Sled => None,
+            Backend::Postgres => Some(Database::create().await),
+        };
+        let storage = database.as_ref().map_or(Storage::Sled, Database::storage);
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data_dir.path().to_owned(),
-            storage: Storage::Sled,
+            storage,
             master_key: MasterKeySource::Environment(key_text),
             client: ClientConfig {
                 production: endpoints(production),
@@ -402,9 +421,27 @@ impl Server {
             addr,
             client,
             data_dir,
+            database,
             shutdown: Some(shutdown),
             task,
         }
+    }
+
+    /// Starts stvault with a 5-second upstream timeout and the default
+    /// failure cooldown.
+    async fn start_default(
+        backend: Backend,
+        production: &FakeServiceTitan,
+        integration: &FakeServiceTitan,
+    ) -> Server {
+        Self::start(
+            backend,
+            production,
+            integration,
+            Duration::from_secs(5),
+            COOLDOWN,
+        )
+        .await
     }
 
     /// Opens a client on a connection of its own.
@@ -439,10 +476,11 @@ impl Server {
         connection.into_inner().connection_id
     }
 
-    async fn stop(mut self) -> tempfile::TempDir {
+    /// Stops the server and returns its data directory and database.
+    async fn stop(mut self) -> (tempfile::TempDir, Option<Database>) {
         let _ = self.shutdown.take().unwrap().send(());
         self.task.await.unwrap();
-        self.data_dir
+        (self.data_dir, self.database)
     }
 }
 
@@ -478,11 +516,10 @@ async fn fakes_with_apps() -> (FakeServiceTitan, FakeServiceTitan, FakeApp, Fake
     (production, integration, slow, fast)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cold_callers_share_one_request() {
+async fn cold_callers_share_one_request(backend: Backend) {
     let (production, integration, slow, fast) = fakes_with_apps().await;
     production.set_token_delay(Duration::from_millis(300));
-    let server = Server::start(&production, &integration, Duration::from_secs(5), COOLDOWN).await;
+    let server = Server::start_default(backend, &production, &integration).await;
     let slow_id = server.register(Environment::Production, &slow, false).await;
     let fast_id = server
         .register(Environment::Integration, &fast, false)
@@ -521,13 +558,19 @@ async fn cold_callers_share_one_request() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_request_reaches_waiters_then_retries() {
+async fn failed_request_reaches_waiters_then_retries(backend: Backend) {
     let (production, integration, slow, _) = fakes_with_apps().await;
     production.set_token_delay(Duration::from_millis(300));
     production.set_token_fault(Fault::FailOnce(503));
     let cooldown = Duration::from_millis(500);
-    let server = Server::start(&production, &integration, Duration::from_secs(5), cooldown).await;
+    let server = Server::start(
+        backend,
+        &production,
+        &integration,
+        Duration::from_secs(5),
+        cooldown,
+    )
+    .await;
     let id = server.register(Environment::Production, &slow, false).await;
 
     let calls: Vec<_> = (0..20)
@@ -554,13 +597,12 @@ async fn failed_request_reaches_waiters_then_retries() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_returns_retry_info() {
+async fn rate_limit_returns_retry_info(backend: Backend) {
     let (production, integration, slow, _) = fakes_with_apps().await;
     production.set_token_fault(Fault::RateLimited {
         retry_after_secs: 30,
     });
-    let server = Server::start(&production, &integration, Duration::from_secs(5), COOLDOWN).await;
+    let server = Server::start_default(backend, &production, &integration).await;
     let id = server.register(Environment::Production, &slow, false).await;
 
     let status = get_token(&server.client, &id).await.unwrap_err();
@@ -593,12 +635,11 @@ async fn rate_limit_returns_retry_info() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hanging_endpoint_is_bounded() {
+async fn hanging_endpoint_is_bounded(backend: Backend) {
     let (production, integration, slow, fast) = fakes_with_apps().await;
     production.set_token_fault(Fault::Hang);
     let timeout = Duration::from_secs(1);
-    let server = Server::start(&production, &integration, timeout, COOLDOWN).await;
+    let server = Server::start(backend, &production, &integration, timeout, COOLDOWN).await;
     let slow_id = server.register(Environment::Production, &slow, false).await;
     let fast_id = server
         .register(Environment::Integration, &fast, false)
@@ -633,7 +674,7 @@ async fn hanging_endpoint_is_bounded() {
     production.shutdown();
     let hanging_again = FakeServiceTitan::start().await;
     hanging_again.set_token_fault(Fault::Hang);
-    let server2 = Server::start(&hanging_again, &integration, timeout, COOLDOWN).await;
+    let server2 = Server::start(backend, &hanging_again, &integration, timeout, COOLDOWN).await;
     let id = server2
         .register(Environment::Production, &slow, false)
         .await;
@@ -660,8 +701,7 @@ async fn hanging_endpoint_is_bounded() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_credentials_keep_tokens_apart() {
+async fn shared_credentials_keep_tokens_apart(backend: Backend) {
     let production = FakeServiceTitan::start().await;
     let integration = FakeServiceTitan::start().await;
     // An Enterprise Hub client id shared by two tenants.
@@ -675,7 +715,7 @@ async fn shared_credentials_keep_tokens_apart() {
     production.add_app(hub.clone());
     production.add_app(first.clone());
     production.add_app(second.clone());
-    let server = Server::start(&production, &integration, Duration::from_secs(5), COOLDOWN).await;
+    let server = Server::start_default(backend, &production, &integration).await;
 
     let cases = [
         (&hub, true),
@@ -700,13 +740,12 @@ async fn shared_credentials_keep_tokens_apart() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_never_reach_disk() {
+async fn tokens_never_reach_disk(backend: Backend) {
     let (production, integration, slow, _) = fakes_with_apps().await;
-    let server = Server::start(&production, &integration, Duration::from_secs(5), COOLDOWN).await;
+    let server = Server::start_default(backend, &production, &integration).await;
     let id = server.register(Environment::Production, &slow, false).await;
     let token = get_token(&server.client, &id).await.unwrap().access_token;
-    let data_dir = server.stop().await;
+    let (data_dir, database) = server.stop().await;
 
     let signature = token.rsplit('.').next().unwrap().to_owned();
     let mut files = 0;
@@ -719,6 +758,12 @@ async fn tokens_never_reach_disk() {
         }
     }
     assert!(files > 0);
+    if let Some(database) = database {
+        let dump = database.dump();
+        for needle in [&token, &signature] {
+            assert!(!contains(&dump, needle), "token found in the database dump");
+        }
+    }
 }
 
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -734,11 +779,10 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     files
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_registrations_finish() {
+async fn concurrent_registrations_finish(backend: Backend) {
     let production = FakeServiceTitan::start().await;
     let integration = FakeServiceTitan::start().await;
-    let server = Server::start(&production, &integration, Duration::from_secs(5), COOLDOWN).await;
+    let server = Server::start_default(backend, &production, &integration).await;
     let server = Arc::new(server);
 
     // Durable writes from many callers at once once deadlocked sled (a

@@ -1,6 +1,6 @@
 //! End-to-end tests: the real `stvault` binary on an ephemeral loopback
 //! port, a fake ServiceTitan on loopback, driven by grpcurl and the
-//! generated client.
+//! generated client. Each test runs on sled and on PostgreSQL.
 
 mod support;
 
@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use stvault::pb;
+use support::backend::Backend;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::server::{Server, grpcurl, grpcurl_error};
 use tonic::Code;
@@ -17,6 +18,17 @@ const DEMO_SECRET_1: &str = "cs1.demo-secret-one";
 const DEMO_SECRET_2: &str = "cs2.demo-secret-two";
 const DEMO_APP_KEY: &str = "ak1.demo-app-key";
 const DEMO_TENANT: i64 = 8450;
+
+backend_tests!(
+    reflection_lists_services,
+    readme_quickstart_runs_as_printed,
+    register_is_idempotent_and_tenant_unique,
+    rejected_credentials_are_not_stored,
+    restart_after_kill9_keeps_acknowledged_writes,
+    cold_cache_makes_one_upstream_request,
+    secret_form_encoding_is_byte_exact,
+    rotation_drops_cached_token,
+);
 
 /// Starts a fake ServiceTitan holding the quickstart's demo connection.
 async fn demo_fake() -> FakeServiceTitan {
@@ -66,10 +78,9 @@ fn readme_quickstart() -> String {
         .join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reflection_lists_services() {
+async fn reflection_lists_services(backend: Backend) {
     let fake = demo_fake().await;
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let output = grpcurl(&["-plaintext", &server.addr.to_string(), "list"]);
     let services = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success());
@@ -104,10 +115,9 @@ async fn reflection_lists_services() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn readme_quickstart_runs_as_printed() {
+async fn readme_quickstart_runs_as_printed(backend: Backend) {
     let fake = demo_fake().await;
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let script = readme_quickstart().replace("127.0.0.1:50051", &server.addr.to_string());
     let output = Command::new("bash")
         .args(["-c", &format!("set -euo pipefail\n{script}")])
@@ -155,10 +165,9 @@ async fn readme_quickstart_runs_as_printed() {
     grpcurl_error(&output, "NotFound");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn register_is_idempotent_and_tenant_unique() {
+async fn register_is_idempotent_and_tenant_unique(backend: Backend) {
     let fake = demo_fake().await;
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let mut client = server.client().await;
 
     let first = client
@@ -188,10 +197,9 @@ async fn register_is_idempotent_and_tenant_unique() {
     assert!(!conflict.message().contains(DEMO_SECRET_2));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rejected_credentials_are_not_stored() {
+async fn rejected_credentials_are_not_stored(backend: Backend) {
     let fake = demo_fake().await;
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let mut client = server.client().await;
 
     let error = client
@@ -218,8 +226,7 @@ async fn rejected_credentials_are_not_stored() {
     assert!(listed.connections.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn restart_after_kill9_keeps_acknowledged_writes() {
+async fn restart_after_kill9_keeps_acknowledged_writes(backend: Backend) {
     let fake = demo_fake().await;
     for tenant in 1..=5 {
         fake.add_app(FakeApp::new(
@@ -229,7 +236,7 @@ async fn restart_after_kill9_keeps_acknowledged_writes() {
             DEMO_APP_KEY,
         ));
     }
-    let mut server = Server::start(&fake).await;
+    let mut server = Server::start_on(backend, &fake, &fake, &[]).await;
     let mut ids = Vec::new();
     {
         let mut client = server.client().await;
@@ -303,11 +310,10 @@ async fn restart_after_kill9_keeps_acknowledged_writes() {
     assert!(form.contains(&("client_secret".into(), "cs2.rotated".into())));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cold_cache_makes_one_upstream_request() {
+async fn cold_cache_makes_one_upstream_request(backend: Backend) {
     let fake = demo_fake().await;
     fake.set_token_delay(Duration::from_millis(300));
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let client = server.client().await;
     let id = client
         .clone()
@@ -336,12 +342,11 @@ async fn cold_cache_makes_one_upstream_request() {
     assert_eq!(tokens.len(), 1, "every caller gets the same token");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn secret_form_encoding_is_byte_exact() {
+async fn secret_form_encoding_is_byte_exact(backend: Backend) {
     let secret = "a+b/c=d&e%2F:é";
     let fake = FakeServiceTitan::start().await;
     fake.add_app(FakeApp::new("cid.enc", secret, 77, DEMO_APP_KEY));
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let mut client = server.client().await;
     client
         .register_connection(register_request(77, "cid.enc", secret))
@@ -355,10 +360,9 @@ async fn secret_form_encoding_is_byte_exact() {
     assert!(form.contains(&("grant_type".into(), "client_credentials".into())));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rotation_drops_cached_token() {
+async fn rotation_drops_cached_token(backend: Backend) {
     let fake = demo_fake().await;
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let mut client = server.client().await;
     let id = client
         .register_connection(register_request(DEMO_TENANT, DEMO_CLIENT_ID, DEMO_SECRET_1))

@@ -1,5 +1,5 @@
 //! Every error status the API promises, each from a real request against
-//! the real binary and a fake ServiceTitan.
+//! the real binary and a fake ServiceTitan, on sled and on PostgreSQL.
 
 mod support;
 
@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stvault::pb;
+use support::backend::Backend;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan, Fault};
 use support::server::Server;
 use tonic::Code;
@@ -17,6 +18,15 @@ const SECRET: &str = "cs1.errors-secret";
 const APP_KEY: &str = "ak1.errors-key";
 const TENANT: i64 = 4100;
 
+backend_tests!(
+    invalid_arguments_name_the_field,
+    unknown_connections_are_not_found,
+    rejected_credentials_fail_precondition,
+    rate_limiting_is_resource_exhausted,
+    upstream_failures_are_unavailable_and_not_cached,
+    hanging_upstream_is_bounded,
+);
+
 async fn fake_with_app() -> FakeServiceTitan {
     let fake = FakeServiceTitan::start().await;
     fake.add_app(FakeApp::new(CLIENT_ID, SECRET, TENANT, APP_KEY));
@@ -25,8 +35,9 @@ async fn fake_with_app() -> FakeServiceTitan {
 
 /// Starts stvault with a short failure cooldown and upstream timeout, so
 /// failure paths are quick to exercise.
-async fn server(fake: &FakeServiceTitan) -> Server {
-    Server::start_with(
+async fn server(backend: Backend, fake: &FakeServiceTitan) -> Server {
+    Server::start_on(
+        backend,
         fake,
         fake,
         &[
@@ -65,10 +76,9 @@ fn assert_status(status: &tonic::Status, code: Code, needle: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn invalid_arguments_name_the_field() {
+async fn invalid_arguments_name_the_field(backend: Backend) {
     let fake = fake_with_app().await;
-    let server = server(&fake).await;
+    let server = server(backend, &fake).await;
     let mut client = server.client().await;
     let long = "x".repeat(4097);
 
@@ -274,10 +284,9 @@ async fn invalid_arguments_name_the_field() {
     assert_status(&status, Code::InvalidArgument, "page_token");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unknown_connections_are_not_found() {
+async fn unknown_connections_are_not_found(backend: Backend) {
     let fake = fake_with_app().await;
-    let server = server(&fake).await;
+    let server = server(backend, &fake).await;
     let mut client = server.client().await;
     let missing = "0190a5e4-0000-7000-8000-000000000000".to_string();
 
@@ -324,10 +333,9 @@ async fn unknown_connections_are_not_found() {
     assert_status(&status, Code::NotFound, "tenant 999");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rejected_credentials_fail_precondition() {
+async fn rejected_credentials_fail_precondition(backend: Backend) {
     let fake = fake_with_app().await;
-    let server = server(&fake).await;
+    let server = server(backend, &fake).await;
     let mut client = server.client().await;
 
     let status = client
@@ -379,10 +387,9 @@ async fn rejected_credentials_fail_precondition() {
     assert!(status.message().contains("RotateCredentials"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rate_limiting_is_resource_exhausted() {
+async fn rate_limiting_is_resource_exhausted(backend: Backend) {
     let fake = fake_with_app().await;
-    let server = server(&fake).await;
+    let server = server(backend, &fake).await;
     let mut client = server.client().await;
     let id = client
         .register_connection(pb::RegisterConnectionRequest {
@@ -428,10 +435,9 @@ async fn rate_limiting_is_resource_exhausted() {
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn upstream_failures_are_unavailable_and_not_cached() {
+async fn upstream_failures_are_unavailable_and_not_cached(backend: Backend) {
     let fake = fake_with_app().await;
-    let server = server(&fake).await;
+    let server = server(backend, &fake).await;
     let mut client = server.client().await;
     let id = client
         .register_connection(pb::RegisterConnectionRequest {
@@ -492,13 +498,13 @@ async fn upstream_failures_are_unavailable_and_not_cached() {
     assert!(!logs.contains("<html"), "an upstream body reached the log");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn hanging_upstream_is_bounded() {
+async fn hanging_upstream_is_bounded(backend: Backend) {
     let fake = fake_with_app().await;
     let other = FakeServiceTitan::start().await;
     other.add_app(FakeApp::new("cid.other", "cs1.other", 77, APP_KEY));
     // Production hangs; integration is healthy.
-    let server = Server::start_with(
+    let server = Server::start_on(
+        backend,
         &fake,
         &other,
         &[

@@ -1,6 +1,8 @@
 //! Connection health through the real binary: the background checker, the
 //! broker's report of rejected credentials, WatchConnectionStatus and
-//! UpdateConnection.
+//! UpdateConnection, on sled and on PostgreSQL. The check of how the
+//! checker spreads its work over the interval runs on sled only, since its
+//! timing does not depend on the storage backend.
 
 mod support;
 
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use stvault::pb;
 use stvault::pb::HealthState;
+use support::backend::Backend;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::server::{Server, grpcurl_error};
 use tonic::{Code, Streaming};
@@ -18,6 +21,17 @@ const NEW_SECRET: &str = "cs2.health-secret";
 const APP_KEY: &str = "ak1.health-key";
 const TENANT: i64 = 6100;
 const INTERVAL: Duration = Duration::from_millis(500);
+
+backend_tests!(
+    broken_credential_detected_and_recovered,
+    rejected_token_request_needs_attention_at_once,
+    watch_filters_by_tenant,
+    watch_rejects_bad_filters,
+    shutdown_ends_open_watches,
+    update_changes_settings,
+    update_verifies_added_groups,
+    update_rejects_bad_requests,
+);
 
 fn register_request(tenant_id: i64, client_id: &str) -> pb::RegisterConnectionRequest {
     pb::RegisterConnectionRequest {
@@ -30,11 +44,16 @@ fn register_request(tenant_id: i64, client_id: &str) -> pb::RegisterConnectionRe
     }
 }
 
-async fn start(interval: &str) -> (FakeServiceTitan, Server) {
+async fn start(backend: Backend, interval: &str) -> (FakeServiceTitan, Server) {
     let fake = FakeServiceTitan::start().await;
     fake.add_app(FakeApp::new(CLIENT_ID, SECRET, TENANT, APP_KEY));
-    let server =
-        Server::start_with(&fake, &fake, &[("STVAULT_HEALTH_CHECK_INTERVAL", interval)]).await;
+    let server = Server::start_on(
+        backend,
+        &fake,
+        &fake,
+        &[("STVAULT_HEALTH_CHECK_INTERVAL", interval)],
+    )
+    .await;
     (fake, server)
 }
 
@@ -104,9 +123,8 @@ async fn health_of(server: &Server, id: &str) -> pb::ConnectionHealth {
         .expect("connection has been verified")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn broken_credential_detected_and_recovered() {
-    let (fake, server) = start("500ms").await;
+async fn broken_credential_detected_and_recovered(backend: Backend) {
+    let (fake, server) = start(backend, "500ms").await;
     let connection = register(&server, TENANT, CLIENT_ID).await;
     let id = connection.connection_id;
     let registered = connection.health.expect("registration verified");
@@ -156,9 +174,8 @@ async fn broken_credential_detected_and_recovered() {
     assert!(next_event(&mut events, INTERVAL * 3).await.is_none());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rejected_token_request_needs_attention_at_once() {
-    let (fake, server) = start("off").await;
+async fn rejected_token_request_needs_attention_at_once(backend: Backend) {
+    let (fake, server) = start(backend, "off").await;
     let id = register(&server, TENANT, CLIENT_ID).await.connection_id;
     let mut events = watch(&server, watch_connection(&id)).await;
 
@@ -220,9 +237,8 @@ async fn rejected_token_request_needs_attention_at_once() {
     assert_eq!(recovered.state, HealthState::Healthy as i32);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn watch_filters_by_tenant() {
-    let (fake, server) = start("off").await;
+async fn watch_filters_by_tenant(backend: Backend) {
+    let (fake, server) = start(backend, "off").await;
     fake.add_app(FakeApp::new("cid.other", SECRET, TENANT + 1, APP_KEY));
     let watched = register(&server, TENANT, CLIENT_ID).await.connection_id;
     let other = register(&server, TENANT + 1, "cid.other")
@@ -294,9 +310,8 @@ async fn watch_filters_by_tenant() {
     assert_eq!(event.tenant_id, TENANT);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn watch_rejects_bad_filters() {
-    let (_fake, server) = start("off").await;
+async fn watch_rejects_bad_filters(backend: Backend) {
+    let (_fake, server) = start(backend, "off").await;
     let mut client = server.client().await;
     let unknown = client
         .watch_connection_status(watch_connection("01a241cd-df50-705a-a6af-67a64764fe40"))
@@ -319,9 +334,8 @@ async fn watch_rejects_bad_filters() {
     assert_eq!(tenant.code(), Code::InvalidArgument);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn shutdown_ends_open_watches() {
-    let (_fake, mut server) = start("off").await;
+async fn shutdown_ends_open_watches(backend: Backend) {
+    let (_fake, mut server) = start(backend, "off").await;
     let id = register(&server, TENANT, CLIENT_ID).await.connection_id;
     let mut events = watch(&server, watch_connection(&id)).await;
     let started = Instant::now();
@@ -395,9 +409,8 @@ async fn checker_spreads_checks_over_interval() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn update_changes_settings() {
-    let (_fake, server) = start("off").await;
+async fn update_changes_settings(backend: Backend) {
+    let (_fake, server) = start(backend, "off").await;
     let id = register(&server, TENANT, CLIENT_ID).await.connection_id;
     let mut client = server.client().await;
 
@@ -451,14 +464,18 @@ async fn update_changes_settings() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn update_verifies_added_groups() {
+async fn update_verifies_added_groups(backend: Backend) {
     let fake = FakeServiceTitan::start().await;
     let mut app = FakeApp::new(CLIENT_ID, SECRET, TENANT, APP_KEY);
     app.scopes.retain(|s| s != "tn.tms.activitytypes:r");
     fake.add_app(app);
-    let server =
-        Server::start_with(&fake, &fake, &[("STVAULT_HEALTH_CHECK_INTERVAL", "off")]).await;
+    let server = Server::start_on(
+        backend,
+        &fake,
+        &fake,
+        &[("STVAULT_HEALTH_CHECK_INTERVAL", "off")],
+    )
+    .await;
     let id = register(&server, TENANT, CLIENT_ID).await.connection_id;
     let mut client = server.client().await;
     let request = |skip_verification| pb::UpdateConnectionRequest {
@@ -508,9 +525,8 @@ async fn update_verifies_added_groups() {
     assert!(!report.ok, "the requirement now fails verification");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn update_rejects_bad_requests() {
-    let (_fake, server) = start("off").await;
+async fn update_rejects_bad_requests(backend: Backend) {
+    let (_fake, server) = start(backend, "off").await;
     let id = register(&server, TENANT, CLIENT_ID).await.connection_id;
     let body = |mask: &str, groups: &str| {
         format!(

@@ -1,12 +1,14 @@
 //! Secrets stay secret: a sentinel client secret and app key never reach
-//! the logs, status messages, other responses or the data directory, and
-//! sealed fields are bound to their record.
+//! the logs, status messages, other responses, the data directory or, on
+//! PostgreSQL, the database dump. Sealed fields are bound to their record,
+//! which the sled tests check by editing sled's files.
 
 mod support;
 
 use std::path::Path;
 
 use stvault::pb;
+use support::backend::Backend;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::server::Server;
 use tonic::Code;
@@ -18,24 +20,7 @@ const SENTINEL_APP_KEY: &str = "ak1.SENTINEL-APPKEY-a81f";
 const CLIENT_ID: &str = "cid.sentinel";
 const TENANT: i64 = 5150;
 
-/// Returns every file under `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(path) = stack.pop() {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(&path).unwrap() {
-                stack.push(entry.unwrap().path());
-            }
-        } else {
-            let bytes = std::fs::read(&path).unwrap();
-            if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    found
-}
+backend_tests!(sentinel_secrets_never_leak);
 
 fn register(secret: &str) -> pb::RegisterConnectionRequest {
     pb::RegisterConnectionRequest {
@@ -49,13 +34,12 @@ fn register(secret: &str) -> pb::RegisterConnectionRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sentinel_secrets_never_leak() {
+async fn sentinel_secrets_never_leak(backend: Backend) {
     let fake = FakeServiceTitan::start().await;
     let mut app = FakeApp::new(CLIENT_ID, SENTINEL_SECRET, TENANT, SENTINEL_APP_KEY);
     app.client_secrets.push(SENTINEL_SECRET_2.into());
     fake.add_app(app);
-    let mut server = Server::start_with(&fake, &fake, &[("RUST_LOG", "trace")]).await;
+    let mut server = Server::start_on(backend, &fake, &fake, &[("RUST_LOG", "trace")]).await;
     let mut client = server.client().await;
     let mut responses = Vec::new();
     let mut statuses = Vec::new();
@@ -179,16 +163,16 @@ async fn sentinel_secrets_never_leak() {
                 "{sentinel} found in {status:?}"
             );
         }
-        let files = files_containing(&server.data_dir(), sentinel);
-        assert!(files.is_empty(), "{sentinel} found in {files:?}");
+        let stored = server.stored_copies_of(sentinel);
+        assert!(stored.is_empty(), "{sentinel} found in {stored:?}");
     }
     for access_token in [&token.access_token, &second_token.access_token] {
         assert!(
             !logs.contains(access_token.as_str()),
             "an access token is in the log"
         );
-        let files = files_containing(&server.data_dir(), access_token);
-        assert!(files.is_empty(), "an access token is in {files:?}");
+        let stored = server.stored_copies_of(access_token);
+        assert!(stored.is_empty(), "an access token is in {stored:?}");
     }
     assert!(!logs.contains("-key\""), "app key hint logged as a field");
 }

@@ -1,5 +1,7 @@
 //! Startup checks: the master key, its file, and settings that must be
-//! refused before the server accepts a request.
+//! refused before the server accepts a request. The wrong master key is
+//! checked on sled and on PostgreSQL. The other checks look at files in
+//! the data directory or fail before the storage opens.
 
 mod support;
 
@@ -8,11 +10,14 @@ use std::os::unix::fs::PermissionsExt;
 
 use base64::Engine;
 use stvault::pb;
+use support::backend::Backend;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::server::{Server, run_expecting_exit};
 
 const KEY_A: [u8; 32] = [7; 32];
 const KEY_B: [u8; 32] = [9; 32];
+
+backend_tests!(wrong_master_key_fails_at_startup);
 
 fn base64_key(key: &[u8; 32]) -> String {
     base64::engine::general_purpose::STANDARD.encode(key)
@@ -42,12 +47,12 @@ fn loopback_env(dir: &std::path::Path) -> HashMap<String, String> {
     env
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn wrong_master_key_fails_at_startup() {
+async fn wrong_master_key_fails_at_startup(backend: Backend) {
     let fake = FakeServiceTitan::start().await;
     fake.add_app(FakeApp::new("cid.k", "cs1.k", 3, "ak1.k"));
     let key_a = base64_key(&KEY_A);
-    let mut server = Server::start_with(&fake, &fake, &[("STVAULT_MASTER_KEY", &key_a)]).await;
+    let mut server =
+        Server::start_on(backend, &fake, &fake, &[("STVAULT_MASTER_KEY", &key_a)]).await;
     server
         .client()
         .await

@@ -1,6 +1,6 @@
 //! Verification against the fake ServiceTitan: one case per setup mistake
 //! and per kind of upstream trouble, each asserting the failing check and
-//! the setup step its remediation points to.
+//! the setup step its remediation points to, on sled and on PostgreSQL.
 
 mod support;
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 use stvault::pb;
 use stvault::pb::verification_check::Status as CheckStatus;
 use stvault::pb::verification_report::Outcome;
+use support::backend::Backend;
 use support::fake_servicetitan::{ALL_PROBE_SCOPES, FakeApp, FakeServiceTitan, Fault};
 use support::server::Server;
 use tonic::Code;
@@ -18,6 +19,24 @@ const CLIENT_ID: &str = "cid.verify";
 const SECRET: &str = "cs1.verify-secret";
 const APP_KEY: &str = "ak1.verify-key";
 const TENANT: i64 = 8450;
+
+backend_tests!(
+    correct_setup_passes_every_check,
+    wrong_secret_fails_token_check,
+    wrong_client_id_fails_token_check,
+    other_environment_credentials_are_named,
+    wrong_app_key_fails_app_key_check,
+    disabled_app_fails_app_key_check,
+    unconnected_app_fails_tenant_access,
+    tenant_mismatch_fails_tenant_check,
+    each_missing_scope_group_warns,
+    missing_required_group_fails,
+    token_timeout_is_upstream_trouble,
+    api_timeout_is_upstream_trouble,
+    server_errors_are_upstream_trouble,
+    rate_limits_are_reported_with_delay,
+    enterprise_hub_names_tenant,
+);
 
 /// The ten scope groups: check-name suffix, portal title, probe scope.
 const GROUPS: [(&str, &str, &str); 10] = [
@@ -54,10 +73,14 @@ fn register_request() -> pb::RegisterConnectionRequest {
 }
 
 /// Starts a fake holding `app` and a vault pointed at it.
-async fn start(app: FakeApp, extra_env: &[(&str, &str)]) -> (FakeServiceTitan, Server) {
+async fn start(
+    backend: Backend,
+    app: FakeApp,
+    extra_env: &[(&str, &str)],
+) -> (FakeServiceTitan, Server) {
     let fake = FakeServiceTitan::start().await;
     fake.add_app(app);
-    let server = Server::start_with(&fake, &fake, extra_env).await;
+    let server = Server::start_on(backend, &fake, &fake, extra_env).await;
     (fake, server)
 }
 
@@ -147,9 +170,8 @@ fn error_info_check(status: &tonic::Status) -> String {
     info.metadata.get("check").cloned().unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn correct_setup_passes_every_check() {
-    let (_fake, server) = start(app(), &[]).await;
+async fn correct_setup_passes_every_check(backend: Backend) {
+    let (_fake, server) = start(backend, app(), &[]).await;
     let report = verify_unverified(&server, register_request()).await;
     assert!(report.ok, "{report:#?}");
     assert_eq!(report.outcome, Outcome::Passed as i32);
@@ -164,9 +186,8 @@ async fn correct_setup_passes_every_check() {
     assert_eq!(granted, expected);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn wrong_secret_fails_token_check() {
-    let (_fake, server) = start(app(), &[]).await;
+async fn wrong_secret_fails_token_check(backend: Backend) {
+    let (_fake, server) = start(backend, app(), &[]).await;
     let request = pb::RegisterConnectionRequest {
         client_secret: "cs1.not-the-secret".into(),
         ..register_request()
@@ -199,9 +220,8 @@ async fn wrong_secret_fails_token_check() {
     assert!(!error.message().contains("cs1.not-the-secret"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn wrong_client_id_fails_token_check() {
-    let (_fake, server) = start(app(), &[]).await;
+async fn wrong_client_id_fails_token_check(backend: Backend) {
+    let (_fake, server) = start(backend, app(), &[]).await;
     let request = pb::RegisterConnectionRequest {
         client_id: "cid.someone-else".into(),
         ..register_request()
@@ -216,12 +236,11 @@ async fn wrong_client_id_fails_token_check() {
     assert_rest_skipped(&report, "token");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn other_environment_credentials_are_named() {
+async fn other_environment_credentials_are_named(backend: Backend) {
     let production = FakeServiceTitan::start().await;
     production.add_app(app());
     let integration = FakeServiceTitan::start().await;
-    let server = Server::start_with(&production, &integration, &[]).await;
+    let server = Server::start_on(backend, &production, &integration, &[]).await;
 
     let report = verify_unverified(&server, register_request()).await;
     assert_fails_at(
@@ -239,9 +258,8 @@ async fn other_environment_credentials_are_named() {
     assert_eq!(production.token_requests(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn wrong_app_key_fails_app_key_check() {
-    let (_fake, server) = start(app(), &[]).await;
+async fn wrong_app_key_fails_app_key_check(backend: Backend) {
+    let (_fake, server) = start(backend, app(), &[]).await;
     let request = pb::RegisterConnectionRequest {
         app_key: "ak1.not-the-key".into(),
         ..register_request()
@@ -259,22 +277,20 @@ async fn wrong_app_key_fails_app_key_check() {
     assert_rest_skipped(&report, "app_key");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn disabled_app_fails_app_key_check() {
+async fn disabled_app_fails_app_key_check(backend: Backend) {
     let mut disabled = app();
     disabled.app_enabled = false;
-    let (_fake, server) = start(disabled, &[]).await;
+    let (_fake, server) = start(backend, disabled, &[]).await;
     let report = verify_unverified(&server, register_request()).await;
     assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
     assert_fails_at(&report, "app_key", Outcome::SetupProblem, &["not disabled"]);
     assert_rest_skipped(&report, "app_key");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unconnected_app_fails_tenant_access() {
+async fn unconnected_app_fails_tenant_access(backend: Backend) {
     let mut unconnected = app();
     unconnected.tenant_connected = false;
-    let (_fake, server) = start(unconnected, &[]).await;
+    let (_fake, server) = start(backend, unconnected, &[]).await;
     let report = verify_unverified(&server, register_request()).await;
     assert_eq!(status_of(&report, "app_key"), CheckStatus::Passed);
     assert_fails_at(
@@ -286,9 +302,8 @@ async fn unconnected_app_fails_tenant_access() {
     assert_rest_skipped(&report, "tenant_access");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tenant_mismatch_fails_tenant_check() {
-    let (_fake, server) = start(app(), &[]).await;
+async fn tenant_mismatch_fails_tenant_check(backend: Backend) {
+    let (_fake, server) = start(backend, app(), &[]).await;
     let request = pb::RegisterConnectionRequest {
         tenant_id: 9999,
         ..register_request()
@@ -309,8 +324,7 @@ async fn tenant_mismatch_fails_tenant_check() {
     assert_rest_skipped(&report, "tenant");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn each_missing_scope_group_warns() {
+async fn each_missing_scope_group_warns(backend: Backend) {
     let fake = FakeServiceTitan::start().await;
     for (index, (_, _, scope)) in GROUPS.iter().enumerate() {
         let tenant = 100 + index as i64;
@@ -318,7 +332,7 @@ async fn each_missing_scope_group_warns() {
         app.scopes.retain(|s| s != scope);
         fake.add_app(app);
     }
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
 
     for (index, (key, title, scope)) in GROUPS.iter().enumerate() {
         let request = pb::RegisterConnectionRequest {
@@ -351,13 +365,12 @@ async fn each_missing_scope_group_warns() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn missing_required_group_fails() {
+async fn missing_required_group_fails(backend: Backend) {
     let mut partial = app();
     partial
         .scopes
         .retain(|s| s != "tn.pb.categories:r" && s != "tn.mrk.categories:r");
-    let (_fake, server) = start(partial, &[]).await;
+    let (_fake, server) = start(backend, partial, &[]).await;
     let request = pb::RegisterConnectionRequest {
         required_scope_groups: vec!["accounting".into(), "pricebook".into()],
         ..register_request()
@@ -393,9 +406,8 @@ async fn missing_required_group_fails() {
     assert_eq!(status_of(&report, "scope:marketing"), CheckStatus::Warning);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn token_timeout_is_upstream_trouble() {
-    let (fake, server) = start(app(), &[("STVAULT_UPSTREAM_TIMEOUT", "1s")]).await;
+async fn token_timeout_is_upstream_trouble(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[("STVAULT_UPSTREAM_TIMEOUT", "1s")]).await;
     fake.set_token_fault(Fault::Hang);
     let report = verify_unverified(&server, register_request()).await;
     assert_fails_at(
@@ -418,9 +430,8 @@ async fn token_timeout_is_upstream_trouble() {
     assert_eq!(error_info_check(&error), "token");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn api_timeout_is_upstream_trouble() {
-    let (fake, server) = start(app(), &[("STVAULT_UPSTREAM_TIMEOUT", "1s")]).await;
+async fn api_timeout_is_upstream_trouble(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[("STVAULT_UPSTREAM_TIMEOUT", "1s")]).await;
     fake.set_api_fault(Fault::Hang);
     let report = verify_unverified(&server, register_request()).await;
     assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
@@ -432,9 +443,8 @@ async fn api_timeout_is_upstream_trouble() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn server_errors_are_upstream_trouble() {
-    let (fake, server) = start(app(), &[]).await;
+async fn server_errors_are_upstream_trouble(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[]).await;
     fake.set_token_fault(Fault::Status(503));
     let report = verify_unverified(&server, register_request()).await;
     assert_fails_at(
@@ -484,9 +494,8 @@ async fn server_errors_are_upstream_trouble() {
     assert_eq!(error.code(), Code::Unavailable);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn rate_limits_are_reported_with_delay() {
-    let (fake, server) = start(app(), &[]).await;
+async fn rate_limits_are_reported_with_delay(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[]).await;
     fake.set_token_fault(Fault::RateLimited {
         retry_after_secs: 30,
     });
@@ -537,14 +546,13 @@ async fn rate_limits_are_reported_with_delay() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn enterprise_hub_names_tenant() {
+async fn enterprise_hub_names_tenant(backend: Backend) {
     let fake = FakeServiceTitan::start().await;
     let mut hub = FakeApp::new("cid.hub", SECRET, 0, APP_KEY);
     hub.enterprise_hub_tenants = vec![501, 502];
     fake.add_app(hub);
     fake.add_app(app());
-    let server = Server::start(&fake).await;
+    let server = Server::start_on(backend, &fake, &fake, &[]).await;
     let mut client = server.client().await;
 
     let hub_request = |tenant_id: i64| pb::RegisterConnectionRequest {

@@ -1,3 +1,4 @@
+pub mod backend;
 pub mod callers;
 pub mod certs;
 pub mod fake_servicetitan;

@@ -11,7 +11,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use super::certs::CertFiles;
 
@@ -148,7 +148,19 @@ impl Postgres {
 
     /// Stops the server, keeping its data.
     pub fn stop(&self) {
-        self.run_checked(
+        let output = self.stop_command().output().expect("run pg_ctl");
+        assert!(
+            output.status.success(),
+            "pg_ctl stop failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Returns the command that stops the server in fast mode, which ends
+    /// open sessions rather than waiting for them, and waits until it has
+    /// stopped.
+    fn stop_command(&self) -> Command {
+        self.command(
             "pg_ctl",
             &[
                 "-D",
@@ -158,7 +170,7 @@ impl Postgres {
                 "-m",
                 "fast",
             ],
-        );
+        )
     }
 
     /// Starts the stopped server again on the same port.
@@ -187,7 +199,9 @@ impl Postgres {
         output.status.success()
     }
 
-    /// Returns `pg_dump`'s plain SQL dump of `database`.
+    /// Returns `pg_dump`'s plain SQL dump of `database`, with each bytea
+    /// value decoded, so that a search finds the bytes stored in records
+    /// and audit events rather than their hex form.
     pub fn dump(&self, database: &str) -> Vec<u8> {
         let output = Command::new(self.bin.join("pg_dump"))
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
@@ -200,12 +214,49 @@ impl Postgres {
             "pg_dump failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        output.stdout
+        decode_bytea(&output.stdout)
+    }
+
+    /// Starts a watcher process that stops the cluster and deletes its
+    /// directory once this process exits, for a cluster that is never
+    /// dropped, such as one kept in a static. Returns the watcher, whose
+    /// stdin must stay open until the process exits.
+    ///
+    /// The watcher waits for end-of-file on its stdin, and the returned
+    /// child keeps the only write end of that pipe (Rust opens pipes
+    /// close-on-exec), so the cluster stops however this process ends, a
+    /// panic or SIGKILL included. The watcher ignores SIGINT, SIGHUP and
+    /// SIGTERM, which reach the whole process group on Ctrl-C.
+    pub fn stop_at_exit(&self) -> Child {
+        let stop = self.stop_command();
+        Command::new("sh")
+            .args([
+                "-c",
+                "trap '' INT HUP TERM; cat >/dev/null; cd /; shift; \"$@\"; rm -rf \"$0\"",
+            ])
+            .arg(self.dir.path())
+            .arg("--")
+            .arg(stop.get_program())
+            .args(stop.get_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the PostgreSQL watcher")
     }
 
     /// Runs a server program from the PostgreSQL bin directory as the
     /// cluster's user.
     fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program, args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+    }
+
+    /// Returns the command that runs `program` from the PostgreSQL bin
+    /// directory as the cluster's user.
+    fn command(&self, program: &str, args: &[&str]) -> Command {
         let program = self.bin.join(program);
         let mut command = match &self.run_as {
             Some(user) => {
@@ -215,11 +266,8 @@ impl Postgres {
             }
             None => Command::new(&program),
         };
+        command.args(args);
         command
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
     }
 
     fn run_checked(&self, program: &str, args: &[&str]) {
@@ -235,18 +283,28 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data_dir().display().to_string(),
-                "-w",
-                "stop",
-                "-m",
-                "fast",
-            ],
-        );
+        let _ = self.stop_command().output();
     }
+}
+
+/// Replaces each bytea value in a plain dump, which COPY data prints as
+/// `\\x` followed by hex digits, with the bytes it encodes.
+fn decode_bytea(dump: &[u8]) -> Vec<u8> {
+    const MARKER: &[u8] = b"\\\\x";
+    let mut decoded = Vec::with_capacity(dump.len());
+    let mut rest = dump;
+    while let Some(start) = rest.windows(MARKER.len()).position(|w| w == MARKER) {
+        decoded.extend_from_slice(&rest[..start]);
+        let after = &rest[start + MARKER.len()..];
+        let digits = after.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+        match hex::decode(&after[..digits]) {
+            Ok(bytes) if digits > 0 => decoded.extend_from_slice(&bytes),
+            _ => decoded.extend_from_slice(&rest[start..start + MARKER.len() + digits]),
+        }
+        rest = &after[digits..];
+    }
+    decoded.extend_from_slice(rest);
+    decoded
 }
 
 /// Returns the bin directory of the newest PostgreSQL installed under

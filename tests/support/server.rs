@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use stvault::pb::credential_vault_client::CredentialVaultClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use super::backend::{self, Backend, Database};
 use super::certs::CertFiles;
 use super::fake_servicetitan::FakeServiceTitan;
 
@@ -23,6 +24,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     pub env: HashMap<String, String>,
+    /// The PostgreSQL database created for this server, if it runs on one.
+    pub database: Option<Database>,
     /// Number of times the process was started; each start logs to its own file.
     starts: usize,
 }
@@ -33,15 +36,40 @@ impl Server {
         Self::start_with(fake, fake, &[]).await
     }
 
-    /// Starts stvault with production on `production`, integration on
-    /// `integration`, and extra environment variables.
+    /// Starts stvault on sled with production on `production`, integration
+    /// on `integration`, and extra environment variables.
     pub async fn start_with(
         production: &FakeServiceTitan,
         integration: &FakeServiceTitan,
         extra: &[(&str, &str)],
     ) -> Server {
+        Self::start_on(Backend::Sled, production, integration, extra).await
+    }
+
+    /// Starts stvault on `backend` with production on `production`,
+    /// integration on `integration`, and extra environment variables, which
+    /// override the storage settings. On PostgreSQL, the server gets a new
+    /// database in the cluster shared by this test binary.
+    pub async fn start_on(
+        backend: Backend,
+        production: &FakeServiceTitan,
+        integration: &FakeServiceTitan,
+        extra: &[(&str, &str)],
+    ) -> Server {
         let dir = tempfile::tempdir().expect("create temporary directory");
-        Self::start_in(dir, production, integration, extra).await
+        let database = match backend {
+            Backend::Sled => None,
+            Backend::Postgres => Some(Database::create().await),
+        };
+        let mut env: Vec<(&str, &str)> = Vec::new();
+        if let Some(database) = &database {
+            env.push(("STVAULT_STORAGE", "postgres"));
+            env.push(("STVAULT_DATABASE_URL", &database.url));
+        }
+        env.extend_from_slice(extra);
+        let mut server = Self::start_in(dir, production, integration, &env).await;
+        server.database = database;
+        server
     }
 
     /// Like `start_with`, in `dir`.
@@ -79,6 +107,7 @@ impl Server {
             addr: "127.0.0.1:0".parse().unwrap(),
             dir,
             env,
+            database: None,
             starts: 0,
         };
         server.launch().await;
@@ -135,6 +164,7 @@ impl Server {
             addr: "127.0.0.1:0".parse().unwrap(),
             dir,
             env,
+            database: None,
             starts: 0,
         };
         server.launch().await;
@@ -149,6 +179,7 @@ impl Server {
             addr: "127.0.0.1:0".parse().unwrap(),
             dir: tempfile::tempdir().expect("create temporary directory"),
             env,
+            database: None,
             starts: 0,
         };
         server.launch().await;
@@ -157,6 +188,19 @@ impl Server {
 
     pub fn data_dir(&self) -> PathBuf {
         PathBuf::from(&self.env["STVAULT_DATA_DIR"])
+    }
+
+    /// Returns where this server stored `needle`: the paths of files in its
+    /// data directory and, on PostgreSQL, "pg_dump of DATABASE" if the
+    /// database's dump contains it.
+    pub fn stored_copies_of(&self, needle: &str) -> Vec<String> {
+        let mut found = backend::files_containing(&self.data_dir(), needle);
+        if let Some(database) = &self.database {
+            if backend::contains(&database.dump(), needle) {
+                found.push(format!("pg_dump of {}", database.name));
+            }
+        }
+        found
     }
 
     fn log_path(&self, start: usize) -> PathBuf {

@@ -199,6 +199,9 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     })
 }
 
+/// How long serving waits for the first LISTEN on a shared database.
+const FIRST_LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Puts the shared policy in force, in a task of its own, since it reads
 /// the database.
 fn apply_shared_policy(sync: &Option<Arc<auth::shared::PolicySync>>) {
@@ -424,11 +427,13 @@ pub async fn serve(
     // Rotations and deletions made through any server drop what this one
     // cached of the connection; other writes to it keep the cache. A
     // policy stored by another server is put in force here.
+    let listening = Arc::new(tokio::sync::Notify::new());
     let changes = store.is_shared().then(|| {
         let vault = opened.vault.clone();
         let policy_sync = opened.policy_sync.clone();
         let store = store.clone();
         let stopping = stop_requested.clone();
+        let listening = listening.clone();
         tokio::spawn(async move {
             let on_change = |change: store::Change<'_>| match change {
                 store::Change::Connection(id) => {
@@ -440,11 +445,23 @@ pub async fn serve(
                 store::Change::Unknown => {
                     vault.broker().invalidate_all();
                     apply_shared_policy(&policy_sync);
+                    listening.notify_one();
                 }
             };
             store.watch_changes(on_change, stopping).await;
         })
     });
+    if changes.is_some() {
+        // Calls wait until this server hears of other servers' changes, so
+        // none caches credentials that a change it missed made stale.
+        let heard = tokio::time::timeout(FIRST_LISTEN_TIMEOUT, listening.notified()).await;
+        if heard.is_err() {
+            tracing::warn!(
+                wait_ms = FIRST_LISTEN_TIMEOUT.as_millis() as u64,
+                "not yet listening for changes from other servers; serving anyway"
+            );
+        }
+    }
     let checker = tokio::spawn(health::run(
         opened.vault.clone(),
         opened.health.clone(),

@@ -853,6 +853,11 @@ async fn check_crash_loop_state(
     ledger: &Ledger,
 ) {
     let mut client = server.client().await;
+    if let Some(database) = &server.database {
+        // Shared tokens outlive a restart; without them, every token below
+        // is requested with the credentials the server decrypts.
+        database.execute("DELETE FROM stvault_tokens").await;
+    }
     let mut tenants: Vec<i64> = ledger.lock().unwrap().keys().copied().collect();
     tenants.sort();
     for tenant in tenants {

@@ -56,6 +56,22 @@ impl Database {
     pub fn dump(&self) -> Vec<u8> {
         shared_cluster().cluster.dump(&self.name)
     }
+
+    /// Runs `sql` in the database.
+    pub async fn execute(&self, sql: &str) {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        let driver = tokio::spawn(connection);
+        client.batch_execute(sql).await.expect("run SQL");
+        drop(client);
+        let _ = driver.await;
+    }
+
+    /// Returns the dump of `tables` only.
+    pub fn dump_tables(&self, tables: &[&str]) -> Vec<u8> {
+        shared_cluster().cluster.dump_tables(&self.name, tables)
+    }
 }
 
 /// The cluster of this test binary, the watcher that stops it at exit and

@@ -203,9 +203,16 @@ impl Postgres {
     /// value decoded, so that a search finds the bytes stored in records
     /// and audit events rather than their hex form.
     pub fn dump(&self, database: &str) -> Vec<u8> {
+        self.dump_tables(database, &[])
+    }
+
+    /// Returns the dump of `tables` only, or of the whole database when
+    /// `tables` is empty, with bytea values decoded as `dump` does.
+    pub fn dump_tables(&self, database: &str, tables: &[&str]) -> Vec<u8> {
         let output = Command::new(self.bin.join("pg_dump"))
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--username", USER, "--no-password", database])
+            .args(tables.iter().map(|table| format!("--table={table}")))
             .env("PGPASSWORD", PASSWORD)
             .output()
             .expect("run pg_dump");

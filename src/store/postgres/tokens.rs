@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::PostgresStore;
-use crate::store::StoreError;
+use crate::store::{ConnectionRecord, StoreError, decode};
 
 /// What a replica that needs a connection's token should do.
 #[derive(Debug)]
@@ -21,8 +21,8 @@ pub enum Claim {
     Busy(Duration),
     /// ServiceTitan asked for a pause with HTTP 429 that has this long left.
     Paused(Duration),
-    /// The row belongs to a newer credential version than the one asked
-    /// for, so this replica's credentials are out of date.
+    /// The version asked for is not the connection's current one, so this
+    /// replica's credentials are out of date.
     Stale,
 }
 
@@ -105,10 +105,12 @@ impl PostgresStore {
         let row = row.ok_or_else(|| StoreError::NotFound(request.connection_id.to_owned()))?;
 
         let stored_version: i32 = row.get(0);
-        if stored_version > version {
+        let current = stored_version == version;
+        // Versions do not only grow: a rollback makes an older one current
+        // again. The connection's record says which one is current now.
+        if !current && !self.is_current_version(&transaction, request).await? {
             return Ok(Claim::Stale);
         }
-        let current = stored_version == version;
         if current {
             let token: Option<Vec<u8>> = row.get(1);
             let token_type: Option<String> = row.get(2);
@@ -178,6 +180,28 @@ impl PostgresStore {
             version: request.version,
             sequence: granted.get(0),
         }))
+    }
+
+    /// Returns whether `request.version` is the connection's current
+    /// credential version in its stored record.
+    async fn is_current_version(
+        &self,
+        client: &impl deadpool_postgres::GenericClient,
+        request: &ClaimRequest<'_>,
+    ) -> Result<bool, StoreError> {
+        let row = client
+            .query_opt(
+                "SELECT record FROM stvault_connections WHERE id = $1",
+                &[&request.connection_id],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(request.connection_id.to_owned()));
+        };
+        let bytes: Vec<u8> = row.get(0);
+        let record: ConnectionRecord = decode(request.connection_id, &bytes)?;
+        Ok(record.current().version == request.version)
     }
 
     /// Stores a token requested under `lease` and ends the lease. Returns

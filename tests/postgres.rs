@@ -1684,3 +1684,50 @@ fn audit_verify_names_missing_settings() {
     assert_eq!(code, 64, "{output}");
     assert!(output.contains("--data-dir"), "{output}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_audit_insert_stops_changes_before_they_act() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(&fake, &url, &[]).await;
+    let id = register(&server, TENANT).await;
+    token_by_id(&server, &id).await.expect("token");
+
+    // The database still answers reads but refuses every new event, as it
+    // would with a revoked privilege or a full disk.
+    let database = connect(&url).await;
+    database
+        .batch_execute(
+            "ALTER TABLE stvault_audit_events ADD CONSTRAINT refuse CHECK (false) NOT VALID",
+        )
+        .await
+        .unwrap();
+    let status = token_by_id(&server, &id).await.expect_err("no event");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let mut client = server.client().await;
+    let status = client
+        .update_connection(pb::UpdateConnectionRequest {
+            connection: Some(pb::Connection {
+                connection_id: id.clone(),
+                display_name: "renamed while unaudited".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["display_name".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an update whose event cannot be written");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    database
+        .batch_execute("ALTER TABLE stvault_audit_events DROP CONSTRAINT refuse")
+        .await
+        .unwrap();
+    let connection = get(&server, &id).await.expect("get");
+    assert_eq!(connection.display_name, format!("tenant {TENANT}"));
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
+}

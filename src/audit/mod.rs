@@ -295,14 +295,15 @@ impl AuditLog {
     }
 
     /// Returns whether an append may succeed: the last one did, or, with
-    /// PostgreSQL, the database can be read again after a failed one.
+    /// PostgreSQL, an insert into the trail succeeds again (and is rolled
+    /// back) after a failed one.
     pub async fn is_writable(&self) -> bool {
         if self.is_healthy() {
             return true;
         }
         match &self.backend {
             Backend::File(_) => false,
-            Backend::Postgres(trail) => trail.head().await.is_ok(),
+            Backend::Postgres(trail) => trail.probe_insert().await.is_ok(),
         }
     }
 

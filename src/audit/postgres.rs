@@ -133,6 +133,25 @@ impl PostgresTrail {
         head_of(store, &row)
     }
 
+    /// Checks that an event could be inserted now, with an insert that is
+    /// rolled back. A database that answers reads may still refuse writes
+    /// (a revoked privilege, a full disk, a constraint), so a read proves
+    /// too little before an RPC acts.
+    pub async fn probe_insert(&self) -> Result<(), StoreError> {
+        let store = &self.shared.store;
+        let error = |e| store.error(e);
+        let mut client = store.client().await?;
+        let transaction = client.transaction().await.map_err(error)?;
+        transaction
+            .execute(
+                "INSERT INTO stvault_audit_events (sequence, event, hash) VALUES ($1, $2, $3)",
+                &[&i64::MAX, &b"{}".as_slice(), &"probe"],
+            )
+            .await
+            .map_err(error)?;
+        transaction.rollback().await.map_err(error)
+    }
+
     /// Copies events of another trail, byte for byte and in order, into
     /// this one, which must be empty, in one transaction. Returns the new
     /// head. Each line must be one stored event, numbered from 1.

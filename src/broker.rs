@@ -40,10 +40,15 @@ pub const MAX_CONCURRENT_TOKEN_REQUESTS: usize = 64;
 /// Source of new tokens: ServiceTitan in production, a scripted source in
 /// tests that need paused time.
 pub trait TokenSource: Send + Sync + 'static {
-    /// Requests a new access token for `credentials`.
+    /// Requests an access token for `credentials`. `need` is the time left
+    /// that the call which started the request asked for (zero for a
+    /// background refresh): a source that holds tokens already issued
+    /// returns one only if it has that much left, capped at half its
+    /// lifetime as `CachedToken::satisfies` caps it.
     fn request_token<'a>(
         &'a self,
         credentials: &'a Credentials,
+        need: Duration,
     ) -> BoxFuture<'a, Result<IssuedToken, TokenError>>;
 }
 
@@ -51,6 +56,7 @@ impl TokenSource for ServiceTitanClient {
     fn request_token<'a>(
         &'a self,
         credentials: &'a Credentials,
+        _need: Duration,
     ) -> BoxFuture<'a, Result<IssuedToken, TokenError>> {
         Box::pin(async move {
             let started = Instant::now();
@@ -409,7 +415,7 @@ impl Broker {
         if let Some(token) = state.token.clone() {
             if token.satisfies(min_valid_for, now) {
                 if now >= token.refresh_at && inflight.is_none() && state.cooldown.is_none() {
-                    self.start_fetch(slot, &mut state);
+                    self.start_fetch(slot, &mut state, Duration::ZERO);
                 }
                 crate::metrics::record_token_cache(true);
                 return Lookup::Ready(Ok(token));
@@ -426,7 +432,7 @@ impl Broker {
         crate::metrics::record_token_cache(false);
         match inflight {
             Some(receiver) => Lookup::Wait(receiver),
-            None => Lookup::Wait(self.start_fetch(slot, &mut state)),
+            None => Lookup::Wait(self.start_fetch(slot, &mut state, min_valid_for)),
         }
     }
 
@@ -436,13 +442,14 @@ impl Broker {
         self: &Arc<Self>,
         slot: &Arc<Slot>,
         state: &mut SlotState,
+        need: Duration,
     ) -> watch::Receiver<Option<FetchResult>> {
         let (sender, receiver) = watch::channel(None);
         state.inflight = Some(receiver.clone());
         let broker = self.clone();
         let slot = slot.clone();
         tokio::spawn(async move {
-            let result = broker.fetch(&slot.credentials).await;
+            let result = broker.fetch(&slot.credentials, need).await;
             broker.record(&slot, &result);
             // Waiters may all have given up; the result is cached regardless.
             let _ = sender.send(Some(result));
@@ -451,7 +458,7 @@ impl Broker {
     }
 
     /// Requests a token once a permit of the connection's environment is free.
-    async fn fetch(&self, credentials: &Credentials) -> FetchResult {
+    async fn fetch(&self, credentials: &Credentials, need: Duration) -> FetchResult {
         let permits = match credentials.environment {
             Environment::Production => &self.permits[0],
             Environment::Integration => &self.permits[1],
@@ -464,7 +471,7 @@ impl Broker {
         self.upstream_requests.fetch_add(1, Ordering::Relaxed);
         let requested = Instant::now();
         let requested_wall = SystemTime::now();
-        let result = self.source.request_token(credentials).await;
+        let result = self.source.request_token(credentials, need).await;
 
         let connection_id = &credentials.connection_id;
         match &result {

@@ -89,6 +89,7 @@ impl TokenSource for ScriptedSource {
     fn request_token<'a>(
         &'a self,
         credentials: &'a Credentials,
+        _need: Duration,
     ) -> BoxFuture<'a, Result<IssuedToken, TokenError>> {
         Box::pin(async move {
             let number = self.requests.fetch_add(1, Ordering::SeqCst) + 1;

@@ -351,3 +351,38 @@ async fn policy_reloaded_on_one_replica_applies_to_the_other() {
         second.logs()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_token_with_too_little_left_is_not_handed_out() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    let (first, second, id) = replicas(&cluster, &fake, &[]).await;
+    // 8 s tokens: one is shared while more than 2.8 s (35%) is left, but a
+    // caller asking for 4 s (half the lifetime at most) needs a new one.
+    fake.set_token_lifetime(8);
+    let request = |seconds| pb::GetAccessTokenRequest {
+        connection_id: id.clone(),
+        min_valid_for: Some(prost_types::Duration { seconds, nanos: 0 }),
+        ..Default::default()
+    };
+    let issued = first
+        .client()
+        .await
+        .get_access_token(request(1))
+        .await
+        .expect("token")
+        .into_inner();
+    let before = fake.token_requests();
+    tokio::time::sleep(Duration::from_millis(4600)).await;
+
+    let fresh = second
+        .client()
+        .await
+        .get_access_token(request(4))
+        .await
+        .expect("token")
+        .into_inner();
+    assert_ne!(fresh.access_token, issued.access_token);
+    assert_eq!(fake.token_requests() - before, 1);
+    assert_shared(&[&first, &second]);
+}

@@ -76,6 +76,7 @@ impl SharedTokens {
         &self,
         credentials: &Credentials,
         key: &DataKey,
+        need: Duration,
     ) -> Result<IssuedToken, TokenError> {
         let request = ClaimRequest {
             connection_id: &credentials.connection_id,
@@ -83,6 +84,7 @@ impl SharedTokens {
             owner: &self.owner,
             lease_for: self.lease_for,
             min_share_left: MIN_SHARE_LEFT,
+            min_left: need,
         };
         // A lease lapses after `lease_for`, so two of them bound the wait
         // for one held elsewhere, even if its holder keeps failing.
@@ -91,10 +93,12 @@ impl SharedTokens {
             let claim =
                 match tokio::time::timeout(CLAIM_TIMEOUT, self.store.claim_token(&request)).await {
                     Ok(Ok(claim)) => claim,
-                    Ok(Err(error)) => return self.unshared(credentials, &error.to_string()).await,
+                    Ok(Err(error)) => {
+                        return self.unshared(credentials, need, &error.to_string()).await;
+                    }
                     Err(_) => {
                         return self
-                            .unshared(credentials, "the database did not answer")
+                            .unshared(credentials, need, "the database did not answer")
                             .await;
                     }
                 };
@@ -104,22 +108,22 @@ impl SharedTokens {
                     return match open(&shared, credentials, key) {
                         Some(issued) => Ok(issued),
                         None => {
-                            self.unshared(credentials, "the stored token does not open")
+                            self.unshared(credentials, need, "the stored token does not open")
                                 .await
                         }
                     };
                 }
-                Claim::Leased(lease) => return self.refresh(credentials, key, lease).await,
+                Claim::Leased(lease) => return self.refresh(credentials, key, lease, need).await,
                 Claim::Paused(left) => {
                     return Err(TokenError::RateLimited {
                         retry_after: Duration::from_secs(left.as_secs_f64().ceil().max(1.0) as u64),
                     });
                 }
-                Claim::Stale => return self.upstream.request_token(credentials).await,
+                Claim::Stale => return self.upstream.request_token(credentials, need).await,
                 Claim::Busy(left) => {
                     if Instant::now() >= give_up {
                         return self
-                            .unshared(credentials, "another replica keeps the lease")
+                            .unshared(credentials, need, "another replica keeps the lease")
                             .await;
                     }
                     tokio::time::sleep(left.min(POLL_INTERVAL)).await;
@@ -134,9 +138,10 @@ impl SharedTokens {
         credentials: &Credentials,
         key: &DataKey,
         lease: Lease,
+        need: Duration,
     ) -> Result<IssuedToken, TokenError> {
         let requested = Instant::now();
-        let result = self.upstream.request_token(credentials).await;
+        let result = self.upstream.request_token(credentials, need).await;
         let stored = match &result {
             Ok(issued) => {
                 let sealed = key.seal_token(
@@ -185,6 +190,7 @@ impl SharedTokens {
     async fn unshared(
         &self,
         credentials: &Credentials,
+        need: Duration,
         reason: &str,
     ) -> Result<IssuedToken, TokenError> {
         tracing::warn!(
@@ -193,7 +199,7 @@ impl SharedTokens {
             "requesting a token without sharing it with other replicas"
         );
         crate::metrics::record_shared_token_claim("unshared");
-        self.upstream.request_token(credentials).await
+        self.upstream.request_token(credentials, need).await
     }
 }
 
@@ -201,11 +207,12 @@ impl TokenSource for SharedTokens {
     fn request_token<'a>(
         &'a self,
         credentials: &'a Credentials,
+        need: Duration,
     ) -> BoxFuture<'a, Result<IssuedToken, TokenError>> {
         Box::pin(async move {
             match &credentials.token_key {
-                Some(key) => self.request(credentials, key).await,
-                None => self.upstream.request_token(credentials).await,
+                Some(key) => self.request(credentials, key, need).await,
+                None => self.upstream.request_token(credentials, need).await,
             }
         })
     }

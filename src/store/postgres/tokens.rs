@@ -63,6 +63,9 @@ pub struct ClaimRequest<'a> {
     /// A stored token is handed out only while more than this share of its
     /// lifetime is left. Past that point, the caller is refreshing it.
     pub min_share_left: f64,
+    /// ... and only while it has this much left, capped at half its
+    /// lifetime, for a caller that asked for a margin.
+    pub min_left: Duration,
 }
 
 impl PostgresStore {
@@ -72,6 +75,13 @@ impl PostgresStore {
         let version = i32::try_from(request.version).unwrap_or(i32::MAX);
         let mut client = self.client().await?;
         let transaction = client.transaction().await.map_err(|e| self.error(e))?;
+        // A row another session keeps locked fails the claim after a
+        // second, which then falls back, rather than holding a pooled
+        // connection that later calls would queue behind.
+        transaction
+            .batch_execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '2s'")
+            .await
+            .map_err(|e| self.error(e))?;
         let select = transaction
             .prepare_cached(
                 "SELECT version, token, token_type, \
@@ -120,7 +130,10 @@ impl PostgresStore {
                 (token, token_type, remaining, lifetime_ms)
             {
                 let lifetime = Duration::from_millis(u64::try_from(lifetime_ms).unwrap_or(0));
-                if remaining > lifetime.as_secs_f64() * request.min_share_left {
+                let needed = request.min_left.min(lifetime / 2).as_secs_f64();
+                if remaining > lifetime.as_secs_f64() * request.min_share_left
+                    && remaining >= needed
+                {
                     return Ok(Claim::Shared(SharedToken {
                         sealed,
                         token_type,

@@ -119,8 +119,8 @@ fn wrap_aad(connection_id: &str, key_id: &str) -> Vec<u8> {
     format!("stvault.v1\0data-key\0{connection_id}\0{key_id}").into_bytes()
 }
 
-fn token_aad(connection_id: &str, version: u32) -> Vec<u8> {
-    format!("stvault.v1\0token\0{connection_id}\0{version}").into_bytes()
+fn token_aad(connection_id: &str, version: u32, bound: &str) -> Vec<u8> {
+    format!("stvault.v1\0token\0{connection_id}\0{version}\0{bound}").into_bytes()
 }
 
 fn field_aad(connection_id: &str, field: &str, version: u32) -> Vec<u8> {
@@ -168,8 +168,16 @@ impl DataKey {
 
     /// Seals an access token issued for one credential version of a
     /// connection, for replicas that share tokens through the database.
-    pub fn seal_token(&self, connection_id: &str, version: u32, token: &SecretString) -> Sealed {
-        let aad = token_aad(connection_id, version);
+    /// `bound` is stored beside it in plaintext (its type and expiry) and
+    /// must be given again to open it.
+    pub fn seal_token(
+        &self,
+        connection_id: &str,
+        version: u32,
+        bound: &str,
+        token: &SecretString,
+    ) -> Sealed {
+        let aad = token_aad(connection_id, version, bound);
         seal_with(&self.cipher(), token.expose().as_bytes(), &aad)
     }
 
@@ -177,9 +185,10 @@ impl DataKey {
         &self,
         connection_id: &str,
         version: u32,
+        bound: &str,
         sealed: &Sealed,
     ) -> Result<SecretString, IntegrityError> {
-        let aad = token_aad(connection_id, version);
+        let aad = token_aad(connection_id, version, bound);
         let raw = open_with(&self.cipher(), sealed, &aad)?;
         let text = std::str::from_utf8(raw.expose()).map_err(|_| IntegrityError)?;
         Ok(SecretString::new(text.to_owned()))
@@ -293,19 +302,19 @@ mod tests {
     #[test]
     fn token_bound_to_connection_and_version_and_apart_from_fields() {
         let key = DataKey::generate();
-        let sealed = key.seal_token("c1", 3, &secret("eyJ.token"));
+        let sealed = key.seal_token("c1", 3, "Bearer\09000", &secret("eyJ.token"));
+        let open = |id, version, bound, sealed| key.open_token(id, version, bound, sealed);
         assert_eq!(
-            key.open_token("c1", 3, &sealed).unwrap().expose(),
+            open("c1", 3, "Bearer\09000", &sealed).unwrap().expose(),
             "eyJ.token"
         );
-        assert!(key.open_token("c2", 3, &sealed).is_err());
-        assert!(key.open_token("c1", 4, &sealed).is_err());
-        assert!(
-            key.open_token("c1", 3, &Sealed::from_bytes(vec![1; 40]))
-                .is_err()
-        );
+        assert!(open("c2", 3, "Bearer\09000", &sealed).is_err());
+        assert!(open("c1", 4, "Bearer\09000", &sealed).is_err());
+        assert!(open("c1", 3, "Bearer\09999", &sealed).is_err());
+        let garbage = Sealed::from_bytes(vec![1; 40]);
+        assert!(open("c1", 3, "Bearer\09000", &garbage).is_err());
         let field = key.seal("c1", "client_secret", 3, &secret("cs1.value"));
-        assert!(key.open_token("c1", 3, &field).is_err());
+        assert!(open("c1", 3, "Bearer\09000", &field).is_err());
     }
 
     #[test]

@@ -386,3 +386,50 @@ async fn shared_token_with_too_little_left_is_not_handed_out() {
     assert_eq!(fake.token_requests() - before, 1);
     assert_shared(&[&first, &second]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edited_token_rows_are_not_trusted() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    let (first, mut second, id) = replicas(&cluster, &fake, &[]).await;
+    let issued = token(&mut first.client().await, &id).await.expect("token");
+    let url = cluster.url("vault");
+    let (database, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+
+    // An edited type or expiry no longer matches the token's seal, so the
+    // other replica asks ServiceTitan rather than pass them on.
+    database
+        .batch_execute(
+            "UPDATE stvault_tokens SET token_type = 'Basic', expires_at_ms = expires_at_ms + 1",
+        )
+        .await
+        .unwrap();
+    let before = fake.token_requests();
+    let other = token(&mut second.client().await, &id).await.expect("token");
+    assert_eq!(other.token_type, "Bearer");
+    assert_ne!(other.access_token, issued.access_token);
+    assert_eq!(fake.token_requests() - before, 1);
+    assert!(second.logs().contains("the stored token does not open"));
+
+    // A lease no replica would grant is taken over at once.
+    second.kill9();
+    second.launch().await;
+    database
+        .batch_execute(
+            "UPDATE stvault_tokens SET token = NULL, lease_owner = 'elsewhere', \
+             lease_until = now() + interval '1 day'",
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    token(&mut second.client().await, &id).await.expect("token");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(second.logs().contains("taking over a token lease"));
+}

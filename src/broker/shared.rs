@@ -23,7 +23,7 @@ use super::{Credentials, REFRESH_FRACTION, REFRESH_JITTER, TokenSource};
 use crate::crypto::{DataKey, Sealed};
 use crate::servicetitan::{IssuedToken, TokenError, decode_claims};
 use crate::store::PostgresStore;
-use crate::store::postgres::{Claim, ClaimRequest, Lease, SharedToken};
+use crate::store::postgres::{Claim, ClaimRequest, Lease, SharedToken, TokenBinding};
 
 /// How often a replica waiting for another's token reads the row again.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -144,20 +144,21 @@ impl SharedTokens {
         let result = self.upstream.request_token(credentials, need).await;
         let stored = match &result {
             Ok(issued) => {
+                let remaining = issued.expires_in.saturating_sub(requested.elapsed());
+                let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                let binding = TokenBinding {
+                    token_type: issued.token_type.clone(),
+                    expires_at_ms: lease.database_now_ms().saturating_add(millis(remaining)),
+                    lifetime_ms: millis(issued.expires_in),
+                };
                 let sealed = key.seal_token(
                     &credentials.connection_id,
                     credentials.version,
+                    &binding.aad(),
                     &issued.access_token,
                 );
-                let remaining = issued.expires_in.saturating_sub(requested.elapsed());
                 self.store
-                    .publish_token(
-                        &lease,
-                        sealed.as_bytes(),
-                        &issued.token_type,
-                        remaining,
-                        issued.expires_in,
-                    )
+                    .publish_token(&lease, sealed.as_bytes(), &binding)
                     .await
                     .map(|published| {
                         if !published {
@@ -223,14 +224,19 @@ impl TokenSource for SharedTokens {
 fn open(shared: &SharedToken, credentials: &Credentials, key: &DataKey) -> Option<IssuedToken> {
     let sealed = Sealed::from_bytes(shared.sealed.clone());
     let access_token = key
-        .open_token(&credentials.connection_id, credentials.version, &sealed)
+        .open_token(
+            &credentials.connection_id,
+            credentials.version,
+            &shared.binding.aad(),
+            &sealed,
+        )
         .ok()?;
     let claims = decode_claims(access_token.expose());
     Some(IssuedToken {
         access_token,
-        token_type: shared.token_type.clone(),
+        token_type: shared.binding.token_type.clone(),
         expires_in: shared.remaining,
-        age: shared.lifetime.saturating_sub(shared.remaining),
+        age: shared.binding.lifetime().saturating_sub(shared.remaining),
         claims,
     })
 }

@@ -24,7 +24,7 @@ mod tokens;
 
 pub use changes::{CHANGES_CHANNEL, Change};
 pub use policy::{POLICY_CHANNEL, SharedPolicy};
-pub use tokens::{Claim, ClaimRequest, Lease, SharedToken};
+pub use tokens::{Claim, ClaimRequest, Lease, SharedToken, TokenBinding};
 
 pub use settings::{
     DatabaseSettings, DatabaseUrl, ENV_DATABASE_CA, ENV_DATABASE_URL, ENV_DATABASE_URL_FILE,

@@ -26,19 +26,42 @@ pub enum Claim {
     Stale,
 }
 
-/// A sealed token and its time left, by the database's clock.
+/// A sealed token, the fields its seal binds, and its time left by the
+/// database's clock.
 pub struct SharedToken {
     pub sealed: Vec<u8>,
-    pub token_type: String,
+    pub binding: TokenBinding,
     pub remaining: Duration,
-    pub lifetime: Duration,
+}
+
+/// The fields of a stored token that its seal binds as associated data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenBinding {
+    pub token_type: String,
+    /// Milliseconds since the Unix epoch, by the database's clock.
+    pub expires_at_ms: i64,
+    pub lifetime_ms: i64,
+}
+
+impl TokenBinding {
+    pub fn lifetime(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.lifetime_ms).unwrap_or(0))
+    }
+
+    /// Returns the associated data of the token's seal.
+    pub fn aad(&self) -> String {
+        format!(
+            "{}\0{}\0{}",
+            self.token_type, self.expires_at_ms, self.lifetime_ms
+        )
+    }
 }
 
 impl std::fmt::Debug for SharedToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SharedToken")
             .field("remaining", &self.remaining)
-            .field("lifetime", &self.lifetime)
+            .field("binding", &self.binding)
             .finish_non_exhaustive()
     }
 }
@@ -50,6 +73,20 @@ pub struct Lease {
     pub connection_id: String,
     pub version: u32,
     sequence: i64,
+    /// The database's clock when the lease was granted, in milliseconds
+    /// since the Unix epoch, and this process's clock at that moment, to
+    /// date the token's expiry by the database's clock.
+    granted_at_ms: i64,
+    granted: std::time::Instant,
+}
+
+impl Lease {
+    /// Returns the database's clock now, in milliseconds since the Unix
+    /// epoch, as this process's clock has advanced it since the grant.
+    pub fn database_now_ms(&self) -> i64 {
+        let elapsed = i64::try_from(self.granted.elapsed().as_millis()).unwrap_or(i64::MAX);
+        self.granted_at_ms.saturating_add(elapsed)
+    }
 }
 
 /// The input of `claim_token`.
@@ -85,9 +122,11 @@ impl PostgresStore {
         let select = transaction
             .prepare_cached(
                 "SELECT version, token, token_type, \
-                 EXTRACT(EPOCH FROM expires_at - now())::float8, lifetime_ms, lease_owner, \
+                 (expires_at_ms - EXTRACT(EPOCH FROM now()) * 1000)::float8 / 1000, \
+                 lifetime_ms, lease_owner, \
                  EXTRACT(EPOCH FROM lease_until - now())::float8, \
-                 EXTRACT(EPOCH FROM retry_at - now())::float8 \
+                 EXTRACT(EPOCH FROM retry_at - now())::float8, \
+                 (EXTRACT(EPOCH FROM now()) * 1000)::bigint, expires_at_ms \
                  FROM stvault_tokens WHERE connection_id = $1 FOR UPDATE",
             )
             .await
@@ -126,19 +165,33 @@ impl PostgresStore {
             let token_type: Option<String> = row.get(2);
             let remaining: Option<f64> = row.get(3);
             let lifetime_ms: Option<i64> = row.get(4);
-            if let (Some(sealed), Some(token_type), Some(remaining), Some(lifetime_ms)) =
-                (token, token_type, remaining, lifetime_ms)
+            let expires_at_ms: Option<i64> = row.get(9);
+            if let (
+                Some(sealed),
+                Some(token_type),
+                Some(remaining),
+                Some(lifetime_ms),
+                Some(expires_at_ms),
+            ) = (token, token_type, remaining, lifetime_ms, expires_at_ms)
             {
-                let lifetime = Duration::from_millis(u64::try_from(lifetime_ms).unwrap_or(0));
+                let binding = TokenBinding {
+                    token_type,
+                    expires_at_ms,
+                    lifetime_ms,
+                };
+                let lifetime = binding.lifetime();
                 let needed = request.min_left.min(lifetime / 2).as_secs_f64();
+                // Time left beyond the lifetime means a clock jumped or the
+                // row was edited; the seal catches the edit, and either way
+                // the replica asks for a new token.
                 if remaining > lifetime.as_secs_f64() * request.min_share_left
                     && remaining >= needed
+                    && remaining <= lifetime.as_secs_f64()
                 {
                     return Ok(Claim::Shared(SharedToken {
                         sealed,
-                        token_type,
+                        binding,
                         remaining: Duration::from_secs_f64(remaining),
-                        lifetime,
                     }));
                 }
             }
@@ -152,7 +205,18 @@ impl PostgresStore {
                 && owner != request.owner
                 && left > 0.0
             {
-                return Ok(Claim::Busy(Duration::from_secs_f64(left)));
+                // No replica grants itself more than its lease time, so a
+                // lease far longer than this one's was written by hand and
+                // would stall the connection: it is taken over.
+                if left <= 2.0 * request.lease_for.as_secs_f64() {
+                    return Ok(Claim::Busy(Duration::from_secs_f64(left)));
+                }
+                tracing::warn!(
+                    connection.id = %request.connection_id,
+                    lease.owner = %owner,
+                    lease_left_s = left,
+                    "taking over a token lease far longer than any replica grants"
+                );
             }
         }
 
@@ -168,7 +232,7 @@ impl PostgresStore {
                  version = $4, \
                  token = CASE WHEN version = $4 THEN token END, \
                  token_type = CASE WHEN version = $4 THEN token_type END, \
-                 expires_at = CASE WHEN version = $4 THEN expires_at END, \
+                 expires_at_ms = CASE WHEN version = $4 THEN expires_at_ms END, \
                  lifetime_ms = CASE WHEN version = $4 THEN lifetime_ms END, \
                  retry_at = CASE WHEN version = $4 THEN retry_at END \
                  WHERE connection_id = $1 RETURNING lease_seq",
@@ -192,6 +256,8 @@ impl PostgresStore {
             connection_id: request.connection_id.to_owned(),
             version: request.version,
             sequence: granted.get(0),
+            granted_at_ms: row.get(8),
+            granted: std::time::Instant::now(),
         }))
     }
 
@@ -217,22 +283,20 @@ impl PostgresStore {
         Ok(record.current().version == request.version)
     }
 
-    /// Stores a token requested under `lease` and ends the lease. Returns
-    /// false, storing nothing, when the lease lapsed and another replica
-    /// took it.
+    /// Stores a token requested under `lease`, sealed with `binding` as
+    /// associated data, and ends the lease. Returns false, storing nothing,
+    /// when the lease lapsed and another replica took it.
     pub async fn publish_token(
         &self,
         lease: &Lease,
         sealed: &[u8],
-        token_type: &str,
-        remaining: Duration,
-        lifetime: Duration,
+        binding: &TokenBinding,
     ) -> Result<bool, StoreError> {
         let client = self.client().await?;
         let statement = client
             .prepare_cached(
                 "UPDATE stvault_tokens SET token = $3, token_type = $4, \
-                 expires_at = now() + $5::float8 * interval '1 second', lifetime_ms = $6, \
+                 expires_at_ms = $5, lifetime_ms = $6, \
                  lease_owner = NULL, lease_until = NULL, retry_at = NULL \
                  WHERE connection_id = $1 AND lease_seq = $2",
             )
@@ -245,9 +309,9 @@ impl PostgresStore {
                     &lease.connection_id,
                     &lease.sequence,
                     &sealed,
-                    &token_type,
-                    &remaining.as_secs_f64(),
-                    &i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX),
+                    &binding.token_type,
+                    &binding.expires_at_ms,
+                    &binding.lifetime_ms,
                 ],
             )
             .await

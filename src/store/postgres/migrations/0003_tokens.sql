@@ -10,13 +10,17 @@
 -- lease_seq it was requested with, so a replica whose lease lapsed cannot
 -- overwrite a newer token. retry_at holds a pause that ServiceTitan asked
 -- for with HTTP 429, which every replica honours.
+--
+-- The token's type, expiry (milliseconds since the Unix epoch, by the
+-- database's clock) and lifetime are bound to the sealed token as
+-- associated data, so a row edited in the database does not open.
 CREATE TABLE stvault_tokens (
     connection_id text COLLATE "C" PRIMARY KEY
         REFERENCES stvault_connections (id) ON DELETE CASCADE,
     version integer NOT NULL,
     token bytea,
     token_type text,
-    expires_at timestamptz,
+    expires_at_ms bigint,
     lifetime_ms bigint,
     lease_owner text,
     lease_until timestamptz,

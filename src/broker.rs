@@ -219,6 +219,32 @@ enum Lookup {
     Wait(watch::Receiver<Option<FetchResult>>),
 }
 
+/// The broker's cache entries, indexed by connection id and by tenant.
+#[derive(Default)]
+struct Entries {
+    by_connection: HashMap<String, Entry>,
+    /// Connection id of the installed slot of each environment and tenant,
+    /// so a token request that names a tenant finds its slot without the
+    /// database. Each value names a connection whose entry holds a slot of
+    /// that tenant.
+    by_tenant: HashMap<(Environment, i64), String>,
+}
+
+impl Entries {
+    /// Drops the slot of `entry` and its tenant index entry, if the index
+    /// still points at this connection.
+    fn drop_slot(by_tenant: &mut HashMap<(Environment, i64), String>, entry: &mut Entry) {
+        let Some(slot) = entry.slot.take() else {
+            return;
+        };
+        let credentials = &slot.credentials;
+        let key = (credentials.environment, credentials.tenant_id);
+        if by_tenant.get(&key) == Some(&credentials.connection_id) {
+            by_tenant.remove(&key);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Entry {
     /// Bumped whenever the connection's credentials change or it is deleted,
@@ -244,7 +270,7 @@ pub struct Broker {
     client: ServiceTitanClient,
     source: Arc<dyn TokenSource>,
     settings: BrokerSettings,
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<Entries>,
     /// Permits for token requests, one semaphore per environment.
     permits: [Semaphore; 2],
     upstream_requests: AtomicU64,
@@ -269,7 +295,7 @@ impl Broker {
             client,
             source,
             settings,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
             permits: [
                 Semaphore::new(MAX_CONCURRENT_TOKEN_REQUESTS),
                 Semaphore::new(MAX_CONCURRENT_TOKEN_REQUESTS),
@@ -308,7 +334,7 @@ impl Broker {
     /// to `install` otherwise.
     pub fn slot(&self, connection_id: &str) -> Result<Arc<Slot>, u64> {
         let entries = self.entries.lock().expect("broker lock is never poisoned");
-        match entries.get(connection_id) {
+        match entries.by_connection.get(connection_id) {
             Some(Entry {
                 slot: Some(slot), ..
             }) => Ok(slot.clone()),
@@ -321,7 +347,11 @@ impl Broker {
     /// when the connection changed since then, so the caller reads again.
     pub fn install(&self, epoch: u64, credentials: Credentials) -> Option<Arc<Slot>> {
         let mut entries = self.entries.lock().expect("broker lock is never poisoned");
-        let entry = entries
+        let Entries {
+            by_connection,
+            by_tenant,
+        } = &mut *entries;
+        let entry = by_connection
             .entry(credentials.connection_id.clone())
             .or_default();
         if entry.epoch != epoch {
@@ -330,6 +360,12 @@ impl Broker {
         if let Some(slot) = &entry.slot {
             return Some(slot.clone());
         }
+        // A tenant has one connection per environment, so another
+        // connection indexed here was deleted, and this one replaces it.
+        by_tenant.insert(
+            (credentials.environment, credentials.tenant_id),
+            credentials.connection_id.clone(),
+        );
         let slot = Arc::new(Slot {
             credentials,
             state: Mutex::new(SlotState::default()),
@@ -343,19 +379,32 @@ impl Broker {
     /// caller is served from the dropped entry.
     pub fn invalidate(&self, connection_id: &str) {
         let mut entries = self.entries.lock().expect("broker lock is never poisoned");
-        let entry = entries.entry(connection_id.to_owned()).or_default();
+        let Entries {
+            by_connection,
+            by_tenant,
+        } = &mut *entries;
+        let entry = by_connection.entry(connection_id.to_owned()).or_default();
         entry.epoch += 1;
-        entry.slot = None;
+        Entries::drop_slot(by_tenant, entry);
     }
 
     /// Drops the cached tokens and credentials of every connection, as
     /// `invalidate` does for one.
     pub fn invalidate_all(&self) {
         let mut entries = self.entries.lock().expect("broker lock is never poisoned");
-        for entry in entries.values_mut() {
+        for entry in entries.by_connection.values_mut() {
             entry.epoch += 1;
             entry.slot = None;
         }
+        entries.by_tenant.clear();
+    }
+
+    /// Returns the cached slot of the connection of `tenant_id` in
+    /// `environment`, without reading the database.
+    pub fn tenant_slot(&self, environment: Environment, tenant_id: i64) -> Option<Arc<Slot>> {
+        let entries = self.entries.lock().expect("broker lock is never poisoned");
+        let connection_id = entries.by_tenant.get(&(environment, tenant_id))?;
+        entries.by_connection.get(connection_id)?.slot.clone()
     }
 
     /// Returns a token with at least `min_valid_for` left (see
@@ -534,6 +583,77 @@ mod tests {
             age: Duration::from_secs(age),
             claims: TokenClaims::default(),
         }
+    }
+
+    fn broker() -> Broker {
+        let unreachable = crate::servicetitan::Endpoints {
+            token_url: "http://127.0.0.1:9/token".parse().unwrap(),
+            api_url: "http://127.0.0.1:9/api".parse().unwrap(),
+        };
+        let client = ServiceTitanClient::new(crate::servicetitan::ClientConfig {
+            production: unreachable.clone(),
+            integration: unreachable,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        Broker::new(
+            client,
+            BrokerSettings {
+                failure_cooldown: Duration::from_secs(1),
+            },
+        )
+    }
+
+    fn credentials(connection_id: &str, tenant_id: i64) -> Credentials {
+        Credentials {
+            connection_id: connection_id.to_owned(),
+            version: 1,
+            environment: Environment::Integration,
+            tenant_id,
+            client_id: "cid.unit".to_owned(),
+            client_secret: SecretString::new("cs.unit".to_owned()),
+            app_key: SecretString::new("ak.unit".to_owned()),
+            enterprise_hub: false,
+            token_key: None,
+        }
+    }
+
+    fn tenant_connection(broker: &Broker, tenant_id: i64) -> Option<String> {
+        broker
+            .tenant_slot(Environment::Integration, tenant_id)
+            .map(|slot| slot.credentials.connection_id.clone())
+    }
+
+    #[test]
+    fn tenant_index_follows_install_and_invalidate() {
+        let broker = broker();
+        broker.install(0, credentials("a", 1)).unwrap();
+        broker.install(0, credentials("b", 2)).unwrap();
+        assert_eq!(tenant_connection(&broker, 1).as_deref(), Some("a"));
+        assert_eq!(tenant_connection(&broker, 2).as_deref(), Some("b"));
+        assert!(
+            broker.tenant_slot(Environment::Production, 1).is_none(),
+            "the index is per environment"
+        );
+
+        broker.invalidate("a");
+        assert_eq!(tenant_connection(&broker, 1), None);
+        assert_eq!(tenant_connection(&broker, 2).as_deref(), Some("b"));
+
+        // A connection that replaces a deleted one of the same tenant keeps
+        // the index when the deleted one is invalidated afterwards.
+        let epoch = broker.slot("a").err().expect("invalidate dropped the slot");
+        broker.install(epoch, credentials("a", 1)).unwrap();
+        broker.install(0, credentials("c", 1)).unwrap();
+        assert_eq!(tenant_connection(&broker, 1).as_deref(), Some("c"));
+        broker.invalidate("a");
+        assert_eq!(tenant_connection(&broker, 1).as_deref(), Some("c"));
+
+        broker.invalidate_all();
+        assert_eq!(tenant_connection(&broker, 1), None);
+        assert_eq!(tenant_connection(&broker, 2), None);
+        assert!(broker.slot("c").is_err());
     }
 
     #[test]

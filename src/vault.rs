@@ -58,6 +58,12 @@ pub enum VaultError {
     Integrity(String),
     #[error("connection {0} is being changed by another request; retry")]
     Busy(String),
+    /// The database is unreachable and this server caches no token that
+    /// satisfies the request. The value names the connection or tenant.
+    #[error(
+        "the database is unavailable, and this server has no cached token of {0} that is valid for long enough; retry when the database is reachable"
+    )]
+    NoCachedToken(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -137,6 +143,11 @@ impl Vault {
     /// `access_token` returns only tokens already cached.
     pub fn set_database_reachable(&self, reachable: bool) {
         self.database_reachable.store(reachable, Ordering::SeqCst);
+    }
+
+    /// Returns false while readiness checks cannot reach a shared database.
+    pub fn database_reachable(&self) -> bool {
+        self.database_reachable.load(Ordering::SeqCst)
     }
 
     /// Returns a receiver of every later health state change.
@@ -677,7 +688,7 @@ impl Vault {
         id: &str,
         min_valid_for: Duration,
     ) -> Result<IssuedAccess, VaultError> {
-        if !self.database_reachable.load(Ordering::SeqCst) {
+        if !self.database_reachable() {
             return self.cached_access_token(id, min_valid_for);
         }
         for _ in 0..MAX_CONFLICT_RETRIES {
@@ -700,7 +711,7 @@ impl Vault {
         Err(VaultError::Busy(id.to_owned()))
     }
 
-    /// Returns the connection's cached token, or `StoreError::Unavailable`
+    /// Returns the connection's cached token, or `VaultError::NoCachedToken`
     /// when none satisfies `min_valid_for`. While the database is
     /// unreachable, a rotation or deletion through another server goes
     /// unnoticed, so no new token is requested with the cached credentials.
@@ -710,18 +721,33 @@ impl Vault {
         id: &str,
         min_valid_for: Duration,
     ) -> Result<IssuedAccess, VaultError> {
-        let unavailable = || {
-            VaultError::Store(StoreError::Unavailable(format!(
-                "the database is unreachable, and no cached token of connection {id} is valid \
-                 for long enough"
-            )))
-        };
-        let slot = self.broker.slot(id).map_err(|_| unavailable())?;
+        let slot = self.cached_slot(id)?;
         let token = self
             .broker
             .cached_token(&slot, min_valid_for)
-            .ok_or_else(unavailable)?;
+            .ok_or_else(|| VaultError::NoCachedToken(format!("connection {id}")))?;
         Ok(IssuedAccess { token, slot })
+    }
+
+    /// Returns the broker's cache entry of a connection without reading the
+    /// database, or `VaultError::NoCachedToken` when there is none.
+    pub fn cached_slot(&self, id: &str) -> Result<Arc<Slot>, VaultError> {
+        self.broker
+            .slot(id)
+            .map_err(|_| VaultError::NoCachedToken(format!("connection {id}")))
+    }
+
+    /// Returns the broker's cache entry of the connection of `tenant_id` in
+    /// `environment` without reading the database, or
+    /// `VaultError::NoCachedToken` when there is none.
+    pub fn cached_tenant_slot(
+        &self,
+        environment: Environment,
+        tenant_id: i64,
+    ) -> Result<Arc<Slot>, VaultError> {
+        self.broker
+            .tenant_slot(environment, tenant_id)
+            .ok_or_else(|| VaultError::NoCachedToken(format!("{environment} tenant {tenant_id}")))
     }
 
     /// Returns the broker's cache entry of a connection, loading and

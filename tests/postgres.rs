@@ -23,6 +23,7 @@ use stvault::secret::SecretString;
 use stvault::store::postgres::DatabaseUrl;
 use stvault::store::{ConnectionRecord, DatabaseSettings, Store, StoreError};
 use stvault::vault::{NewConnection, new_record};
+use support::callers::{Key, write_policy};
 use support::certs::Pki;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
 use support::postgres::{self, Postgres};
@@ -1541,6 +1542,241 @@ async fn replicas_serve_cached_tokens_during_outage() {
         !first.logs().contains(postgres::PASSWORD),
         "the database password reached the log"
     );
+}
+
+/// Builds a token request for `tenant_id` in the integration environment.
+fn tenant_request(tenant_id: i64) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        environment: pb::Environment::Integration as i32,
+        tenant_id,
+        ..Default::default()
+    }
+}
+
+fn id_request(id: &str) -> pb::GetAccessTokenRequest {
+    pb::GetAccessTokenRequest {
+        connection_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// Asserts that an outage call failed with `UNAVAILABLE` and names the cause.
+fn assert_no_cached_token<T: std::fmt::Debug>(result: &Result<T, tonic::Status>, case: &str) {
+    let status = result.as_ref().expect_err(case);
+    assert_eq!(status.code(), Code::Unavailable, "{case}: {status:?}");
+    assert!(
+        status.message().contains("database is unavailable"),
+        "{case}: {status:?}"
+    );
+    assert!(
+        status.message().contains("no cached token"),
+        "{case}: {status:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outage_serves_cached_tokens_by_tenant() {
+    const SHORT_TOKEN_LIFETIME: Duration = Duration::from_secs(4);
+    let (cached, short_lived, uncached) = (TENANT, TENANT + 1, TENANT + 2);
+    let ops = Key::new("ops");
+    let scoped = Key::new("billing");
+    let policy_dir = tempfile::tempdir().expect("create temporary directory");
+    let policy = write_policy(
+        policy_dir.path(),
+        &format!(
+            "{}\n{}",
+            ops.entry(r#"["link", "admin", "token"]"#, Some(r#""*""#)),
+            scoped.entry(r#"["token"]"#, Some(&format!("[{cached}]")))
+        ),
+    );
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let server = Server::start_postgres(
+        &fake,
+        &url,
+        &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
+    )
+    .await;
+    let mut client = server.client().await;
+    let mut ids = HashMap::new();
+    for tenant_id in [cached, short_lived, uncached] {
+        let request = ops.request(register_request(tenant_id, SECRET_1));
+        let connection = client.register_connection(request).await.expect("register");
+        ids.insert(tenant_id, connection.into_inner().connection_id);
+    }
+
+    // Warm the cache by tenant for one connection, and by id with a
+    // short-lived token for another. The third connection has no token.
+    let token = client
+        .get_access_token(ops.request(tenant_request(cached)))
+        .await
+        .expect("token by tenant")
+        .into_inner();
+    fake.set_token_lifetime(SHORT_TOKEN_LIFETIME.as_secs() as i64);
+    let short_lived_fetched = Instant::now();
+    client
+        .get_access_token(ops.request(id_request(&ids[&short_lived])))
+        .await
+        .expect("short-lived token by id");
+    fake.set_token_lifetime(3600);
+    let token_requests = fake.token_requests();
+
+    cluster.stop();
+    wait_for_health(&server, ServingStatus::NotServing).await;
+
+    // Cached tokens are served by tenant and, to a caller limited to that
+    // tenant, by id. Each served call's audit event names the connection.
+    let served_cases = [
+        (
+            "by tenant, tenant-scoped caller",
+            &scoped,
+            tenant_request(cached),
+        ),
+        (
+            "by tenant, caller of every tenant",
+            &ops,
+            tenant_request(cached),
+        ),
+        (
+            "by id, tenant-scoped caller",
+            &scoped,
+            id_request(&ids[&cached]),
+        ),
+    ];
+    let mut served = Vec::new();
+    for (case, key, request) in served_cases {
+        let result = client.get_access_token(key.request(request)).await;
+        served.push(request_id(&result));
+        let served_token = result.expect(case).into_inner();
+        assert_eq!(served_token.access_token, token.access_token, "{case}");
+        assert_eq!(served_token.connection_id, ids[&cached], "{case}");
+        assert_eq!(served_token.tenant_id, cached, "{case}");
+    }
+
+    // A tenant-scoped caller gets no token of another tenant, whichever
+    // form names it, although this server has it cached.
+    let denied_cases = [
+        ("other tenant by tenant", tenant_request(short_lived)),
+        ("other tenant by id", id_request(&ids[&short_lived])),
+    ];
+    let mut denied = Vec::new();
+    for (case, request) in denied_cases {
+        let result = client.get_access_token(scoped.request(request)).await;
+        denied.push(request_id(&result));
+        let status = result.expect_err(case);
+        assert_eq!(status.code(), Code::PermissionDenied, "{case}: {status:?}");
+    }
+
+    // A connection with nothing cached, or with an expired token, has no
+    // token to serve.
+    // Each failed call is listed with the connection and tenant that its
+    // audit event names.
+    let mut unavailable = Vec::new();
+    let result = client
+        .get_access_token(ops.request(tenant_request(uncached)))
+        .await;
+    unavailable.push((request_id(&result), None, Some(uncached)));
+    assert_no_cached_token(&result, "uncached tenant by tenant");
+    let result = client
+        .get_access_token(ops.request(id_request(&ids[&uncached])))
+        .await;
+    unavailable.push((request_id(&result), Some(ids[&uncached].clone()), None));
+    assert_no_cached_token(&result, "uncached tenant by id");
+    let expired_at = short_lived_fetched + SHORT_TOKEN_LIFETIME;
+    tokio::time::sleep_until((expired_at + Duration::from_millis(500)).into()).await;
+    let result = client
+        .get_access_token(ops.request(tenant_request(short_lived)))
+        .await;
+    unavailable.push((
+        request_id(&result),
+        Some(ids[&short_lived].clone()),
+        Some(short_lived),
+    ));
+    assert_no_cached_token(&result, "expired token by tenant");
+    assert_eq!(
+        fake.token_requests(),
+        token_requests,
+        "a token was requested from ServiceTitan during the outage"
+    );
+
+    // The spooled events carry the connection, environment and tenant.
+    let spooled = spooled_events(&server);
+    let event = |request_id: &str| {
+        let matching: Vec<_> = spooled
+            .iter()
+            .filter(|event| event.draft.request_id == request_id)
+            .collect();
+        assert_eq!(matching.len(), 1, "request {request_id}: {spooled:?}");
+        matching[0].draft.clone()
+    };
+    for request_id in &served {
+        let event = event(request_id);
+        assert_eq!(event.code, "OK", "{event:?}");
+        assert_eq!(
+            event.connection_id.as_ref(),
+            Some(&ids[&cached]),
+            "{event:?}"
+        );
+        assert_eq!(
+            event.environment,
+            Some(Environment::Integration),
+            "{event:?}"
+        );
+        assert_eq!(event.tenant_id, Some(cached), "{event:?}");
+    }
+    for request_id in &denied {
+        let event = event(request_id);
+        assert_eq!(event.code, "PERMISSION_DENIED", "{event:?}");
+        assert_eq!(
+            event.environment,
+            Some(Environment::Integration),
+            "{event:?}"
+        );
+        assert_eq!(event.tenant_id, Some(short_lived), "{event:?}");
+    }
+    for (request_id, connection_id, tenant_id) in &unavailable {
+        let event = event(request_id);
+        assert_eq!(event.code, "UNAVAILABLE", "{event:?}");
+        assert_eq!(&event.connection_id, connection_id, "{event:?}");
+        assert_eq!(&event.tenant_id, tenant_id, "{event:?}");
+    }
+    assert_eq!(
+        spooled.len(),
+        served.len() + denied.len() + unavailable.len(),
+        "{spooled:?}"
+    );
+
+    cluster.restart();
+    wait_for_health(&server, ServingStatus::Serving).await;
+    wait_for_empty_spool(&server).await;
+
+    // With the database back, every form works again and the limits hold.
+    for (case, key, request) in [
+        ("uncached tenant by tenant", &ops, tenant_request(uncached)),
+        ("expired token by tenant", &ops, tenant_request(short_lived)),
+        (
+            "by id, tenant-scoped caller",
+            &scoped,
+            id_request(&ids[&cached]),
+        ),
+        (
+            "by tenant, tenant-scoped caller",
+            &scoped,
+            tenant_request(cached),
+        ),
+    ] {
+        let result = client.get_access_token(key.request(request)).await;
+        let served_token = result.expect(case).into_inner();
+        assert!(!served_token.access_token.is_empty(), "{case}");
+    }
+    let status = client
+        .get_access_token(scoped.request(id_request(&ids[&short_lived])))
+        .await
+        .expect_err("another tenant by id after the outage");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let (code, output) = verify_audit(&url);
+    assert_eq!(code, 0, "{output}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

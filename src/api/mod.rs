@@ -559,6 +559,13 @@ impl VaultService {
     /// tenant. It gets the same denial for a connection id that does not
     /// exist as for a connection of another tenant. So a denial does not
     /// reveal whether a tenant or connection exists.
+    ///
+    /// While the database is unreachable, both lookups use the connections
+    /// whose credentials the broker holds in memory, and a connection that
+    /// is not cached fails with `UNAVAILABLE`.
+    /// NOTE: during an outage, a caller limited to some tenants can tell a
+    /// cached connection of another tenant (`PERMISSION_DENIED`) from an
+    /// unknown or uncached id (`UNAVAILABLE`).
     async fn resolve_connection(
         &self,
         caller: &Caller,
@@ -578,6 +585,16 @@ impl VaultService {
                 return Ok(id);
             }
             let denied = || caller.denied(Rpc::GetAccessToken, &format!(" for connection {id}"));
+            if !self.vault.database_reachable() {
+                let slot = self.vault.cached_slot(&id).map_err(to_status)?;
+                let credentials = &slot.credentials;
+                context::record_ids(&id, credentials.environment, credentials.tenant_id);
+                return if caller.may_use_tenant(credentials.tenant_id) {
+                    Ok(id)
+                } else {
+                    Err(denied())
+                };
+            }
             return match self.vault.store().get(&id).await {
                 Ok(Some(record)) => {
                     record_connection(&record);
@@ -600,6 +617,15 @@ impl VaultService {
         let environment = validate::environment("environment", request.environment)?;
         let tenant_id = validate::tenant_id("tenant_id", request.tenant_id)?;
         caller.authorize_tenant(Rpc::GetAccessToken, tenant_id)?;
+        if !self.vault.database_reachable() {
+            let slot = self
+                .vault
+                .cached_tenant_slot(environment, tenant_id)
+                .map_err(to_status)?;
+            let credentials = &slot.credentials;
+            context::record_ids(&credentials.connection_id, environment, tenant_id);
+            return Ok(credentials.connection_id.clone());
+        }
         let record = self
             .vault
             .find(environment, tenant_id)

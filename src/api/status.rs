@@ -28,6 +28,7 @@ pub fn to_status(error: VaultError) -> Status {
              holds ciphertext from another record; restore it from a backup, or delete the connection and register it again"
         )),
         VaultError::Busy(_) => Status::aborted(error.to_string()),
+        VaultError::NoCachedToken(_) => Status::unavailable(error.to_string()),
         VaultError::Store(StoreError::Corrupt { key, reason }) => {
             tracing::error!(record = %key, %reason, "stored record is not readable");
             Status::data_loss(format!("stored record {key} is not readable"))

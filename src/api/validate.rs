@@ -17,7 +17,8 @@ pub const MAX_FIELD_BYTES: usize = 4096;
 const MAX_LABELS: usize = 64;
 const MAX_LABEL_KEY_BYTES: usize = 63;
 pub const DEFAULT_MIN_VALID_FOR: Duration = Duration::from_secs(60);
-/// Longest `min_valid_for` accepted; ServiceTitan tokens live 900 seconds.
+/// Longest `min_valid_for` accepted. ServiceTitan tokens usually live 900
+/// seconds, and a larger margin is capped at half a token's lifetime.
 const MAX_MIN_VALID_FOR: Duration = Duration::from_secs(3600);
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -183,7 +184,8 @@ pub fn min_valid_for(value: Option<prost_types::Duration>) -> Result<Duration, S
         return Err(invalid(
             "min_valid_for",
             format!(
-                "must be at most {}s; ServiceTitan tokens live 900s",
+                "must be at most {}s; ServiceTitan tokens usually live 900s, and a request \
+                 for more than half a token's lifetime gets a token with half its lifetime left",
                 MAX_MIN_VALID_FOR.as_secs()
             ),
         ));

@@ -107,12 +107,34 @@ impl MasterKey {
     pub fn open_check_value(&self, sealed: &Sealed) -> bool {
         matches!(open_with(&self.cipher, sealed, &check_aad(&self.id)), Ok(v) if v.expose() == CHECK_VALUE)
     }
+
+    /// Seals the SHA-256 of a caller policy that replicas share through the
+    /// database, so that only a holder of this key can change what they
+    /// enforce.
+    pub fn seal_policy(&self, document: &str) -> Sealed {
+        let digest = Sha256::digest(document.as_bytes());
+        seal_with(&self.cipher, &digest, &policy_aad(&self.id))
+    }
+
+    /// Checks that `sealed` is this key's seal of `document`.
+    pub fn verify_policy(&self, document: &str, sealed: &Sealed) -> Result<(), IntegrityError> {
+        let sealed_digest = open_with(&self.cipher, sealed, &policy_aad(&self.id))?;
+        let digest = Sha256::digest(document.as_bytes());
+        if sealed_digest.expose() != digest.as_slice() {
+            return Err(IntegrityError);
+        }
+        Ok(())
+    }
 }
 
 const CHECK_VALUE: &[u8] = b"stvault master key check";
 
 fn check_aad(key_id: &str) -> Vec<u8> {
     format!("stvault.v1\0check\0{key_id}").into_bytes()
+}
+
+fn policy_aad(key_id: &str) -> Vec<u8> {
+    format!("stvault.v1\0policy\0{key_id}").into_bytes()
 }
 
 fn wrap_aad(connection_id: &str, key_id: &str) -> Vec<u8> {
@@ -356,6 +378,19 @@ mod tests {
             MasterKey::from_base64(text.expose()).unwrap().id(),
             master.id()
         );
+    }
+
+    #[test]
+    fn policy_seal_bound_to_document_and_master_key() {
+        let (master, _) = MasterKey::generate();
+        let (other, _) = MasterKey::generate();
+        let document = "[[caller]]\nname = \"ops\"\n";
+        let sealed = master.seal_policy(document);
+        assert!(master.verify_policy(document, &sealed).is_ok());
+        assert!(master.verify_policy("", &sealed).is_err());
+        assert!(other.verify_policy(document, &sealed).is_err());
+        let check = master.seal_check_value();
+        assert!(master.verify_policy(document, &check).is_err());
     }
 
     #[test]

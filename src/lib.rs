@@ -173,7 +173,9 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     }
     let auth = Arc::new(auth);
     let policy_sync = match vault.store().postgres() {
-        Some(postgres) => auth::shared::PolicySync::new(postgres.clone(), auth.clone()),
+        Some(postgres) => {
+            auth::shared::PolicySync::new(postgres.clone(), auth.clone(), vault.shared_keyring())
+        }
         None => None,
     };
     if let (Some(sync), Some(path)) = (&policy_sync, auth.policy_path()) {

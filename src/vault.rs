@@ -109,7 +109,7 @@ pub struct Vault {
     broker: Arc<Broker>,
     /// Master keys: new data keys are wrapped under the newest, and each
     /// record is unwrapped with the key it names.
-    keyring: Keyring,
+    keyring: Arc<Keyring>,
     /// Serializes credential changes per connection, so a rotation's
     /// verification runs without a concurrent rotation racing it.
     change_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -130,7 +130,7 @@ impl Vault {
         Self {
             store,
             broker,
-            keyring: keyring.into(),
+            keyring: Arc::new(keyring.into()),
             change_locks: Mutex::new(HashMap::new()),
             load_locks: Mutex::new(HashMap::new()),
             status_events: broadcast::channel(STATUS_EVENT_BUFFER).0,
@@ -171,6 +171,11 @@ impl Vault {
 
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
+    }
+
+    /// Returns the keyring for a task that outlives this borrow.
+    pub fn shared_keyring(&self) -> Arc<Keyring> {
+        self.keyring.clone()
     }
 
     pub fn broker(&self) -> &Arc<Broker> {

@@ -3,8 +3,10 @@
 //! while it holds a connection's lease is taken over once the lease lapses,
 //! a rate-limit pause reaches every replica, and the shared token is stored
 //! sealed. Policy: a policy reloaded on one replica is in force on the
-//! other within a second. Each test starts its own PostgreSQL cluster and
-//! real stvault processes against a fake ServiceTitan on loopback.
+//! other within a second, a policy row forged in the database is not
+//! enforced, and a reload during a database outage is shared once the
+//! database returns. Each test starts its own PostgreSQL cluster and real
+//! stvault processes against a fake ServiceTitan on loopback.
 
 mod support;
 
@@ -432,4 +434,197 @@ async fn edited_token_rows_are_not_trusted() {
         started.elapsed()
     );
     assert!(second.logs().contains("taking over a token lease"));
+}
+
+/// Two replicas on `url`, each reading a policy file of its own that
+/// starts as `text`. Returns them with the directory holding the files and
+/// the first replica's file.
+async fn policy_replicas(
+    fake: &FakeServiceTitan,
+    url: &str,
+    text: &str,
+) -> (Server, Server, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let first_file = dir.path().join("first.toml");
+    let second_file = dir.path().join("second.toml");
+    std::fs::write(&first_file, text).unwrap();
+    std::fs::write(&second_file, text).unwrap();
+    let first = Server::start_postgres(
+        fake,
+        url,
+        &[("STVAULT_POLICY_FILE", first_file.to_str().unwrap())],
+    )
+    .await;
+    let second = first
+        .start_replica_with(&[("STVAULT_POLICY_FILE", second_file.to_str().unwrap())])
+        .await;
+    (first, second, dir, first_file)
+}
+
+async fn list_as(server: &Server, key: &Key) -> Result<(), tonic::Status> {
+    server
+        .client()
+        .await
+        .list_connections(key.request(pb::ListConnectionsRequest::default()))
+        .await
+        .map(|_| ())
+}
+
+/// Waits up to `timeout` for `server` to reject `key` as UNAUTHENTICATED.
+async fn wait_until_rejected(server: &Server, key: &Key, timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        match list_as(server, key).await {
+            Err(status) if status.code() == Code::Unauthenticated => return,
+            result => assert!(
+                started.elapsed() < timeout,
+                "{} still gets {result:?} after {timeout:?}:\n{}",
+                key.name,
+                server.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits up to `timeout` for `server` to log `needle` `count` times.
+async fn wait_for_log(server: &Server, needle: &str, count: usize, timeout: Duration) {
+    let started = Instant::now();
+    while server.logs().matches(needle).count() < count {
+        assert!(
+            started.elapsed() < timeout,
+            "{needle:?} not logged {count} times within {timeout:?}:\n{}",
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test cluster");
+    tokio::spawn(connection);
+    client
+}
+
+/// Replaces the shared policy the way someone with write access to the
+/// database but without the master key could: a new document with its
+/// correct SHA-256, announced like a replica announces one.
+async fn forge_policy(url: &str, document: &str) {
+    use sha2::Digest;
+    let sha256 = hex::encode(sha2::Sha256::digest(document.as_bytes()));
+    let client = connect(url).await;
+    let updated = client
+        .execute(
+            "UPDATE stvault_policy SET document = $1, sha256 = $2",
+            &[&document, &sha256],
+        )
+        .await
+        .expect("update the shared policy");
+    assert_eq!(updated, 1, "no shared policy row to forge");
+    client
+        .execute("SELECT pg_notify('stvault_policy', $1)", &[&sha256])
+        .await
+        .expect("notify the replicas");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_shared_policy_is_rejected() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let ops = Key::new("ops");
+    let intruder = Key::new("intruder");
+    let (first, second, _dir, _) =
+        policy_replicas(&fake, &url, &ops.entry(r#"["admin"]"#, None)).await;
+
+    let granting = format!(
+        "{}{}",
+        ops.entry(r#"["admin"]"#, None),
+        intruder.entry(r#"["token", "admin"]"#, Some(r#""*""#))
+    );
+    forge_policy(&url, &granting).await;
+    for server in [&first, &second] {
+        wait_for_log(server, "shared policy rejected", 1, Duration::from_secs(5)).await;
+        let logs = server.logs();
+        assert!(
+            logs.contains("does not verify under master key"),
+            "the rejection does not name the bad seal:\n{logs}"
+        );
+        let status = list_as(server, &intruder).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        list_as(server, &ops).await.expect("ops is still in force");
+    }
+
+    // An empty policy would reject every caller; forged, it changes nothing.
+    forge_policy(&url, "").await;
+    for server in [&first, &second] {
+        wait_for_log(server, "shared policy rejected", 2, Duration::from_secs(5)).await;
+        list_as(server, &ops).await.expect("ops is still in force");
+        let logs = server.logs();
+        assert!(
+            !logs.contains("policy changed by another replica is now in force"),
+            "a forged policy was enforced:\n{logs}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn policy_reloaded_during_outage_is_shared_later() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let fake = fake().await;
+    let ops = Key::new("ops");
+    let auditor = Key::new("auditor");
+    let both = format!(
+        "{}{}",
+        ops.entry(r#"["admin"]"#, None),
+        auditor.entry(r#"["admin"]"#, None)
+    );
+    let (first, second, _dir, first_file) = policy_replicas(&fake, &url, &both).await;
+    list_as(&second, &auditor)
+        .await
+        .expect("the auditor is in both files");
+
+    cluster.stop();
+    std::fs::write(&first_file, ops.entry(r#"["admin"]"#, None)).unwrap();
+    assert!(first.reload_policy().await.contains("policy reloaded"));
+    wait_for_log(
+        &first,
+        "cannot share the policy",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    cluster.restart();
+
+    let started = Instant::now();
+    for server in [&first, &second] {
+        wait_until_rejected(server, &auditor, Duration::from_secs(10)).await;
+    }
+    eprintln!(
+        "reload shared after the database returned, within {:?}",
+        started.elapsed()
+    );
+    wait_for_log(
+        &first,
+        "now shared with the other replicas",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // Later notifications must not bring the old shared policy back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for server in [&first, &second] {
+        let status = list_as(server, &auditor).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        list_as(server, &ops).await.expect("ops is still in force");
+    }
+    let logs = first.logs();
+    assert!(
+        !logs.contains("policy changed by another replica is now in force"),
+        "the replica that reloaded applied the old shared policy:\n{logs}"
+    );
 }

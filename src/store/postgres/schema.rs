@@ -44,6 +44,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "policy",
         sql: include_str!("migrations/0005_policy.sql"),
     },
+    Migration {
+        version: 6,
+        name: "policy_seal",
+        sql: include_str!("migrations/0006_policy_seal.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock that serializes migrations

@@ -9,8 +9,8 @@
 //! replica that dies mid-request is taken over once it lapses.
 //!
 //! The database is an optimisation here, not a dependency: when it cannot
-//! be reached, or its row cannot be read, the replica asks ServiceTitan
-//! itself.
+//! be reached, or its row cannot be read, the replica requests the token
+//! from ServiceTitan itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +27,9 @@ use crate::store::postgres::{Claim, ClaimRequest, Lease, SharedToken, TokenBindi
 
 /// How often a replica waiting for another's token reads the row again.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// How long a claim may take before the replica asks ServiceTitan
-/// directly, so a slow database delays a token by no more than this.
+/// How long a claim may take before the replica requests the token from
+/// ServiceTitan directly, so a slow database delays a token by no more
+/// than this.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 /// Added to the upstream timeout to give a lease's holder time to store
 /// the token it got.

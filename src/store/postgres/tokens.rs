@@ -9,7 +9,8 @@ use std::time::Duration;
 use super::PostgresStore;
 use crate::store::{ConnectionRecord, StoreError, decode};
 
-/// What a replica that needs a connection's token should do.
+/// The outcome of a claim: how a replica that needs a connection's token
+/// gets it.
 #[derive(Debug)]
 pub enum Claim {
     /// Use this token, which another replica (or this one) stored.
@@ -156,7 +157,7 @@ impl PostgresStore {
         let stored_version: i32 = row.get(0);
         let current = stored_version == version;
         // Versions do not only grow: a rollback makes an older one current
-        // again. The connection's record says which one is current now.
+        // again. The connection's record names the current one.
         if !current && !self.is_current_version(&transaction, request).await? {
             return Ok(Claim::Stale);
         }
@@ -183,7 +184,7 @@ impl PostgresStore {
                 let needed = request.min_left.min(lifetime / 2).as_secs_f64();
                 // Time left beyond the lifetime means a clock jumped or the
                 // row was edited; the seal catches the edit, and either way
-                // the replica asks for a new token.
+                // the replica requests a new token.
                 if remaining > lifetime.as_secs_f64() * request.min_share_left
                     && remaining >= needed
                     && remaining <= lifetime.as_secs_f64()

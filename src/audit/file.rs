@@ -155,6 +155,8 @@ pub struct Queued {
     ticket: u64,
     /// Whether its caller must lead the next batch.
     lead: bool,
+    /// Whether the event is already written, so `wait` has nothing to do.
+    written: bool,
 }
 
 /// Outcome of a queued event, as its caller reads it from the state.
@@ -395,6 +397,7 @@ impl TrailFile {
         Ok(Queued {
             ticket: state.last_ticket,
             lead: !std::mem::replace(&mut state.writing, true),
+            written: false,
         })
     }
 
@@ -427,13 +430,24 @@ impl TrailFile {
         Ok(Queued {
             ticket: state.last_ticket,
             lead: false,
+            written: true,
         })
     }
 
     /// Returns once a queued event is written (and, under
     /// `SyncPolicy::Always`, synced), leading batches when no one else is.
     pub async fn wait(&self, queued: Queued) -> Result<(), AuditError> {
-        let Queued { ticket, mut lead } = queued;
+        let Queued {
+            ticket,
+            mut lead,
+            written,
+        } = queued;
+        // Under `SyncPolicy::Within` the event was written as it was
+        // queued. Registering with `batch_done` would only contend with
+        // every other caller for the notifier's lock.
+        if written {
+            return Ok(());
+        }
         loop {
             if lead {
                 self.lead();

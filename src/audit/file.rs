@@ -200,8 +200,18 @@ pub struct TrailFile {
     unsynced: Arc<AtomicBool>,
     /// Set by the sync thread when a sync fails.
     sync_failure: Arc<OnceLock<String>>,
+    /// Under `SyncPolicy::Within`: the newest head not yet in the head
+    /// record, which the sync thread writes before each sync.
+    latest_head: Arc<Mutex<Option<Head>>>,
     syncer: Option<(Arc<SyncerControl>, JoinHandle<()>)>,
     pub path: PathBuf,
+}
+
+/// What the sync thread writes and syncs.
+struct SyncedFiles {
+    trail: File,
+    head: File,
+    latest_head: Arc<Mutex<Option<Head>>>,
 }
 
 struct SyncerControl {
@@ -320,6 +330,7 @@ impl TrailFile {
 
         let unsynced = Arc::new(AtomicBool::new(false));
         let sync_failure = Arc::new(OnceLock::new());
+        let latest_head = Arc::new(Mutex::new(None));
         let syncer = match sync {
             SyncPolicy::Always => None,
             SyncPolicy::Within(interval) => {
@@ -331,13 +342,17 @@ impl TrailFile {
                     let control = control.clone();
                     let unsynced = unsynced.clone();
                     let failure = sync_failure.clone();
-                    // Its own descriptor: syncing it syncs the file's data
-                    // without waiting for a leader's write.
-                    let file = file.try_clone()?;
+                    // Its own descriptors: syncing them syncs the file's
+                    // data without waiting for a caller's write.
+                    let files = SyncedFiles {
+                        trail: file.try_clone()?,
+                        head: head_file.try_clone()?,
+                        latest_head: latest_head.clone(),
+                    };
                     std::thread::Builder::new()
                         .name("stvault-audit-sync".into())
                         .spawn(move || {
-                            sync_periodically(&control, &file, &unsynced, &failure, interval)
+                            sync_periodically(&control, &files, &unsynced, &failure, interval)
                         })?
                 };
                 Some((control, thread))
@@ -363,6 +378,7 @@ impl TrailFile {
             sync,
             unsynced,
             sync_failure,
+            latest_head,
             syncer,
             path,
         })
@@ -418,9 +434,13 @@ impl TrailFile {
             return Err(AuditError::Unavailable(reason));
         }
         self.unsynced.store(true, Ordering::SeqCst);
-        if let Err(error) = writer.head_file.write_all_at(&encode_head(&head), 0) {
-            tracing::warn!(%error, "cannot update the audit chain head record");
-        }
+        // The head record may lag the trail (see `open`); the sync thread
+        // brings it up to date with each sync, one write per interval
+        // rather than one per event.
+        *self
+            .latest_head
+            .lock()
+            .expect("the head lock is never poisoned") = Some(head.clone());
         state.end += line.len() as u64;
         state.durable_end = state.end;
         state.durable = head.clone();
@@ -546,6 +566,13 @@ impl Drop for TrailFile {
             control.stopped.notify_one();
             let _ = thread.join();
         }
+        let head = encode_head(
+            &self
+                .state
+                .get_mut()
+                .expect("the audit state lock is never poisoned")
+                .durable,
+        );
         let writer = self
             .writer
             .get_mut()
@@ -553,6 +580,7 @@ impl Drop for TrailFile {
         if let Err(error) = writer
             .file
             .sync_all()
+            .and_then(|()| writer.head_file.write_all_at(&head, 0))
             .and_then(|()| writer.head_file.sync_all())
         {
             tracing::warn!(%error, "cannot sync the audit trail on close");
@@ -594,7 +622,7 @@ fn blocking<T>(io: impl FnOnce() -> T) -> T {
 /// really on disk.
 fn sync_periodically(
     control: &SyncerControl,
-    file: &File,
+    files: &SyncedFiles,
     unsynced: &AtomicBool,
     failure: &OnceLock<String>,
     interval: Duration,
@@ -609,8 +637,18 @@ fn sync_periodically(
             .wait_timeout(stop, interval)
             .expect("the stop lock is never poisoned")
             .0;
+        let head = files
+            .latest_head
+            .lock()
+            .expect("the head lock is never poisoned")
+            .take();
+        if let Some(head) = head {
+            if let Err(error) = files.head.write_all_at(&encode_head(&head), 0) {
+                tracing::warn!(%error, "cannot update the audit chain head record");
+            }
+        }
         if unsynced.swap(false, Ordering::SeqCst) {
-            if let Err(error) = file.sync_data() {
+            if let Err(error) = files.trail.sync_data() {
                 tracing::error!(%error, "cannot sync the audit trail; refusing further events");
                 let _ = failure.set(format!(
                     "cannot sync the audit trail ({error}); restart the server"

@@ -556,6 +556,9 @@ mod tests {
             assert_eq!(text.lines().count() as u64, stored.event.sequence);
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        // The sync thread brings the head record up to date with its sync.
+        let head = file::read_head(&file::head_path(dir.path())).unwrap();
+        assert_eq!(head.map(|head| head.sequence), Some(20));
         let page = log
             .list(0, 100, usize::MAX, &Filter::default())
             .await

@@ -183,6 +183,10 @@ async fn audit_verify(args: VerifyArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let database_setting = match &storage {
+        Storage::Postgres(settings) => Some(settings.setting()),
+        Storage::Sled => None,
+    };
     let verified = match (storage, args.data_dir) {
         (Storage::Postgres(settings), _) => stvault::audit::verify_database(&settings).await,
         (Storage::Sled, Some(dir)) => stvault::audit::verify_data_dir(&dir),
@@ -213,7 +217,14 @@ async fn audit_verify(args: VerifyArgs) -> ExitCode {
             ExitCode::from(EXIT_CHAIN_BROKEN)
         }
         Err(error) => {
-            eprintln!("stvault: {error}");
+            match database_setting {
+                Some(setting) => eprintln!(
+                    "stvault: {error} (the database named by {setting}; check that it is \
+                     running and that the URL's host, port, user, password and database name \
+                     are right)"
+                ),
+                None => eprintln!("stvault: {error}"),
+            }
             ExitCode::FAILURE
         }
     }

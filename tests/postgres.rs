@@ -1407,6 +1407,11 @@ async fn replicas_serve_cached_tokens_during_outage() {
 
     let stopped_at = std::time::SystemTime::now();
     cluster.stop();
+    // Verification cannot read the chain now, and says where it looked.
+    let (code, output) = verify_audit(&url);
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("STVAULT_DATABASE_URL"), "{output}");
+    assert!(!output.contains(postgres::PASSWORD), "{output}");
     for replica in replicas {
         wait_for_health(replica, ServingStatus::NotServing).await;
         assert_eq!(

@@ -67,22 +67,26 @@ async fn main() {
     let fake = FakeServiceTitan::start().await;
     let work_dir = tempfile::tempdir().expect("a temporary directory can be created");
     let (_, key_text) = MasterKey::generate();
-    let server = start_server(
+    let relaxed_sync = humantime::format_duration(RELAXED_SYNC).to_string();
+    // The warm figures come from `stvault serve` processes, as deployed:
+    // a server whose tasks share a runtime with the load generator would
+    // stall the client whenever it blocks on the disk.
+    let live = ServerProcess::start(
         &fake,
         &work_dir.path().join("live"),
         &key_text,
-        SyncPolicy::Always,
+        &[("STVAULT_AUDIT_SYNC", "always")],
     )
     .await;
-    let channels = connect_channels(server.addr).await;
-    let relaxed_server = start_server(
+    let relaxed = ServerProcess::start(
         &fake,
         &work_dir.path().join("relaxed"),
         &key_text,
-        SyncPolicy::Within(RELAXED_SYNC),
+        &[("STVAULT_AUDIT_SYNC", &relaxed_sync)],
     )
     .await;
-    let relaxed_channels = connect_channels(relaxed_server.addr).await;
+    let live_channels = connect_channels(live.addr).await;
+    let relaxed_channels = connect_channels(relaxed.addr).await;
 
     println!("# stvault benchmarks\n");
     println!("machine: {}", machine_summary());
@@ -90,8 +94,8 @@ async fn main() {
 
     let warm_app = FakeApp::new("cid.warm", "cs1.warm", 42, "ak1.warm");
     fake.add_app(warm_app.clone());
-    let warm_id = register(&client(&channels, 0), &warm_app).await;
-    get_token(&client(&channels, 0), &warm_id)
+    let warm_id = register(&client(&live_channels, 0), &warm_app).await;
+    get_token(&client(&live_channels, 0), &warm_id)
         .await
         .expect("the warm connection gets a token");
     let relaxed_id = register(&client(&relaxed_channels, 0), &warm_app).await;
@@ -119,8 +123,10 @@ async fn main() {
         humantime::format_duration(RELAXED_SYNC)
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut cpu_rows = Vec::new();
     for concurrency in CONCURRENCY_LEVELS {
-        let health = measure(&channels, concurrency, |channel| async move {
+        let cpu_before = live.cpu_time();
+        let health = measure(&live_channels, concurrency, |channel| async move {
             let mut health = HealthClient::new(channel);
             let request = HealthCheckRequest {
                 service: String::new(),
@@ -128,20 +134,27 @@ async fn main() {
             health.check(request).await.is_ok()
         })
         .await;
+        let health_cpu = cpu_per_call(live.cpu_time() - cpu_before, &health);
         let mut row = format!(
             "| {concurrency} | {:.0} | {} | {} |",
             health.rate(),
             millis(health.percentile(0.50)),
             millis(health.percentile(0.99)),
         );
+        let mut cpu_row = format!("| {concurrency} | {:.1} µs |", micros(health_cpu));
         let mut failures = health.failures;
-        for (channels, id) in [(&channels, &warm_id), (&relaxed_channels, &relaxed_id)] {
+        for (server, channels, id) in [
+            (&live, &live_channels, &warm_id),
+            (&relaxed, &relaxed_channels, &relaxed_id),
+        ] {
             let id = id.clone();
+            let cpu_before = server.cpu_time();
             let token = measure(channels, concurrency, move |channel| {
                 let id = id.clone();
                 async move { get_token(&VaultClient::new(channel), &id).await.is_ok() }
             })
             .await;
+            let token_cpu = cpu_per_call(server.cpu_time() - cpu_before, &token);
             row.push_str(&format!(
                 " {:.0} | {:.2} | {} | {} |",
                 token.rate(),
@@ -149,19 +162,41 @@ async fn main() {
                 millis(token.percentile(0.50)),
                 millis(token.percentile(0.99)),
             ));
+            cpu_row.push_str(&format!(
+                " {:.1} µs | {:.2} |",
+                micros(token_cpu),
+                micros(token_cpu) / micros(health_cpu)
+            ));
             failures += token.failures;
         }
         println!("{row}");
+        cpu_rows.push(cpu_row);
         assert_eq!(failures, 0, "calls failed");
     }
-    drop(relaxed_channels);
-    relaxed_server.stop().await;
+    println!("\nServer CPU time (user and system) per call, warm-up included:\n");
+    println!(
+        "| concurrency | Health/Check | always | ratio | {}: | ratio |",
+        humantime::format_duration(RELAXED_SYNC)
+    );
+    println!("|---|---|---|---|---|---|");
+    for row in cpu_rows {
+        println!("{row}");
+    }
+    drop((live_channels, relaxed_channels));
+    drop((live, relaxed));
     if std::env::args().any(|arg| arg == "warm") {
-        drop(channels);
-        server.stop().await;
         fake.shutdown();
         return;
     }
+
+    let server = start_server(
+        &fake,
+        &work_dir.path().join("in-process"),
+        &key_text,
+        SyncPolicy::Always,
+    )
+    .await;
+    let channels = connect_channels(server.addr).await;
 
     println!("\n## RegisterConnection with durable writes\n");
     let apps: Vec<FakeApp> = (0..STORM_CONNECTIONS)
@@ -514,6 +549,8 @@ struct Measurement {
     elapsed: Duration,
     /// Sorted latencies of every measured call.
     latencies: Vec<Duration>,
+    /// Calls made, warm-up included.
+    all_calls: usize,
 }
 
 impl Measurement {
@@ -543,12 +580,14 @@ where
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut failures = 0;
+                let mut all_calls = 0;
                 loop {
                     let started = Instant::now();
                     if started >= until {
-                        return (latencies, failures);
+                        return (latencies, failures, all_calls);
                     }
                     let ok = call(channel.clone()).await;
+                    all_calls += 1;
                     if started < warm_up_until {
                         continue;
                     }
@@ -562,10 +601,13 @@ where
         .collect();
     let mut latencies = Vec::new();
     let mut failures = 0;
+    let mut all_calls = 0;
     for worker in workers {
-        let (worker_latencies, worker_failures) = worker.await.expect("the worker does not panic");
+        let (worker_latencies, worker_failures, worker_calls) =
+            worker.await.expect("the worker does not panic");
         latencies.extend(worker_latencies);
         failures += worker_failures;
+        all_calls += worker_calls;
     }
     latencies.sort_unstable();
     Measurement {
@@ -573,7 +615,17 @@ where
         failures,
         elapsed: MEASURE_FOR,
         latencies,
+        all_calls,
     }
+}
+
+fn micros(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1_000_000.0
+}
+
+/// The server's CPU time over a measurement, divided by the calls made.
+fn cpu_per_call(cpu: Duration, measurement: &Measurement) -> Duration {
+    cpu / measurement.all_calls.max(1) as u32
 }
 
 fn millis(duration: Duration) -> String {
@@ -649,6 +701,98 @@ fn measure_sync(path: &Path) -> Measurement {
         failures: 0,
         elapsed: latencies.iter().sum(),
         latencies,
+        all_calls: SYNC_SAMPLES,
+    }
+}
+
+/// A `stvault serve` process on loopback, killed when dropped.
+struct ServerProcess {
+    addr: SocketAddr,
+    child: std::process::Child,
+    /// From spawn until Health/Check first answered SERVING.
+    startup: Duration,
+}
+
+impl ServerProcess {
+    /// Spawns the real binary on `data_dir` with the fake ServiceTitan's
+    /// endpoints, default settings otherwise (logs at the default level,
+    /// discarded) and `env`, and returns once its Health/Check answers
+    /// SERVING.
+    async fn start(
+        fake: &FakeServiceTitan,
+        data_dir: &Path,
+        key_text: &SecretString,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let addr = free_loopback_addr();
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stvault"));
+        child
+            .arg("serve")
+            .env_remove("RUST_LOG")
+            .env("STVAULT_LISTEN", addr.to_string())
+            .env("STVAULT_DATA_DIR", data_dir)
+            .env("STVAULT_MASTER_KEY", key_text.expose())
+            .env("STVAULT_PRODUCTION_TOKEN_URL", fake.token_url())
+            .env("STVAULT_PRODUCTION_API_URL", fake.api_url())
+            .env("STVAULT_INTEGRATION_TOKEN_URL", fake.token_url())
+            .env("STVAULT_INTEGRATION_API_URL", fake.api_url())
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut server = Self {
+            addr,
+            child: child.spawn().expect("the stvault binary starts"),
+            startup: Duration::ZERO,
+        };
+        let deadline = started + Duration::from_secs(60);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "stvault did not start within 60 s"
+            );
+            if let Some(status) = server.child.try_wait().expect("the child can be polled") {
+                panic!("stvault exited during startup: {status}");
+            }
+            if serving(addr).await {
+                server.startup = started.elapsed();
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// User and system CPU time the process has used, its exited threads'
+    /// included.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the child's stat is readable");
+        // The command name, in parentheses, may contain spaces; the fields
+        // after it are numbered from 3, so utime (14) and stime (15) are
+        // the 12th and 13th after it.
+        let after_name = &stat[stat.rfind(')').expect("stat names the command") + 2..];
+        let mut fields = after_name.split(' ').skip(11);
+        let mut ticks = || -> u64 {
+            fields
+                .next()
+                .and_then(|field| field.parse().ok())
+                .expect("stat has utime and stime")
+        };
+        // Counted in USER_HZ ticks, 100 a second on Linux.
+        Duration::from_millis((ticks() + ticks()) * 10)
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the child's status is readable");
+        status_field(&status, "VmRSS")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -659,42 +803,8 @@ async fn measure_startup(
     data_dir: &Path,
     key_text: &SecretString,
 ) -> (Duration, u64) {
-    let addr = free_loopback_addr();
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stvault"))
-        .arg("serve")
-        .env("STVAULT_LISTEN", addr.to_string())
-        .env("STVAULT_DATA_DIR", data_dir)
-        .env("STVAULT_MASTER_KEY", key_text.expose())
-        .env("STVAULT_PRODUCTION_TOKEN_URL", fake.token_url())
-        .env("STVAULT_PRODUCTION_API_URL", fake.api_url())
-        .env("STVAULT_INTEGRATION_TOKEN_URL", fake.token_url())
-        .env("STVAULT_INTEGRATION_API_URL", fake.api_url())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the stvault binary starts");
-    let deadline = started + Duration::from_secs(60);
-    let startup = loop {
-        assert!(
-            Instant::now() < deadline,
-            "stvault did not start within 60 s"
-        );
-        if let Some(status) = child.try_wait().expect("the child can be polled") {
-            panic!("stvault exited during startup: {status}");
-        }
-        if serving(addr).await {
-            break started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
-        .expect("the child's status is readable");
-    let rss = status_field(&status, "VmRSS");
-    child.kill().expect("the child can be killed");
-    child.wait().expect("the child can be reaped");
-    (startup, rss)
+    let server = ServerProcess::start(fake, data_dir, key_text, &[]).await;
+    (server.startup, server.rss_kib())
 }
 
 async fn serving(addr: SocketAddr) -> bool {

@@ -111,7 +111,9 @@ async fn burst(
 async fn cold_burst_over_two_replicas_costs_one_request() {
     let cluster = Postgres::start();
     let fake = fake().await;
-    let (first, second, id) = replicas(&cluster, &fake, &[]).await;
+    // Successful token hand-outs are logged at debug.
+    let settings = [("RUST_LOG", "info,stvault=debug")];
+    let (first, second, id) = replicas(&cluster, &fake, &settings).await;
     // Registration's check requested tokens of its own; count from here.
     let before = fake.token_requests();
     fake.set_token_delay(Duration::from_millis(300));

@@ -31,9 +31,7 @@ use stvault::pb;
 use stvault::pb::credential_vault_client::CredentialVaultClient;
 use stvault::secret::SecretString;
 use stvault::servicetitan::{ClientConfig, Endpoints};
-use stvault::store::DatabaseSettings;
 use stvault::store::Store;
-use stvault::store::postgres::DatabaseUrl;
 use stvault::vault::{NewConnection, new_record};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -291,25 +289,20 @@ async fn compare_backends() {
     let work_dir = tempfile::tempdir().expect("a temporary directory can be created");
     let (_, key_text) = MasterKey::generate();
     let cluster = postgres::Postgres::start();
-    let url = DatabaseUrl {
-        text: SecretString::new(cluster.create_database("bench").await),
-        setting: "STVAULT_DATABASE_URL",
-    };
-    let settings = DatabaseSettings::parse(&url, None).expect("the cluster's URL parses");
-    let backends = [
-        ("sled", Storage::Sled),
-        ("postgres", Storage::Postgres(Box::new(settings))),
+    let url = cluster.create_database("bench").await;
+    let backends: [(&str, &[(&str, &str)]); 2] = [
+        ("sled", &[]),
+        (
+            "postgres",
+            &[
+                ("STVAULT_STORAGE", "postgres"),
+                ("STVAULT_DATABASE_URL", &url),
+            ],
+        ),
     ];
     let mut results = Vec::new();
-    for (name, storage) in backends {
-        let server = start_server_on(
-            &fake,
-            &work_dir.path().join(name),
-            &key_text,
-            SyncPolicy::Always,
-            storage,
-        )
-        .await;
+    for (name, env) in backends {
+        let server = ServerProcess::start(&fake, &work_dir.path().join(name), &key_text, env).await;
         let channels = connect_channels(server.addr).await;
         let app = FakeApp::new(
             format!("cid.backend.{name}"),
@@ -346,8 +339,6 @@ async fn compare_backends() {
         let ids = register_all(&channels, &apps).await;
         let registrations = ids.len() as f64 / started.elapsed().as_secs_f64();
         results.push((name, token, registrations));
-        drop(channels);
-        server.stop().await;
     }
     println!(
         "| backend | GetAccessToken calls/s (concurrency 64) | ratio to sled | p50 | p99 \
@@ -623,7 +614,7 @@ fn micros(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1_000_000.0
 }
 
-/// The server's CPU time over a measurement, divided by the calls made.
+/// Divides the server's CPU time over a measurement by the calls made.
 fn cpu_per_call(cpu: Duration, measurement: &Measurement) -> Duration {
     cpu / measurement.all_calls.max(1) as u32
 }

@@ -465,6 +465,8 @@ fn hash_hex(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     pub(super) fn draft(caller: &str, tenant_id: i64) -> EventDraft {
@@ -485,6 +487,58 @@ mod tests {
             Appended::Chained(stored) => *stored,
             Appended::Spooled => panic!("a trail file never spools"),
         }
+    }
+
+    /// Queues an event as the batch leader and drops its call after the
+    /// leader's first poll, before it writes the batch, as when the client
+    /// goes away.
+    async fn cancel_leader(log: &AuditLog) {
+        let Backend::File(trail) = &log.backend else {
+            unreachable!("AuditLog::open opens a trail file")
+        };
+        let queued = {
+            let mut state = trail.lock();
+            let event = AuditEvent::after(&state.head, draft("cancelled", 1));
+            let bytes = event.encode();
+            let head = Head {
+                sequence: event.sequence,
+                hash: hash_hex(&bytes),
+            };
+            trail.queue(&mut state, &bytes, head).unwrap()
+        };
+        let mut wait = Box::pin(trail.wait(queued));
+        assert!(
+            futures::poll!(wait.as_mut()).is_pending(),
+            "the leader yields before it writes"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancelled_leader_does_not_stall_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
+        cancel_leader(&log).await;
+
+        let next = tokio::time::timeout(Duration::from_secs(5), append(&log, draft("next", 2)))
+            .await
+            .expect("the next append completes");
+        assert_eq!(next.event.sequence, 2);
+        drop(log);
+        let (verified, _) = read_verified_lines(dir.path()).unwrap();
+        assert_eq!(verified.events, 2);
+    }
+
+    #[tokio::test]
+    async fn cancelled_leader_event_written_on_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
+        cancel_leader(&log).await;
+        drop(log);
+
+        let (verified, _) = read_verified_lines(dir.path()).unwrap();
+        assert_eq!(verified.events, 1);
+        let log = AuditLog::open(dir.path(), SyncPolicy::Always).unwrap();
+        assert_eq!(append(&log, draft("next", 2)).await.event.sequence, 2);
     }
 
     #[tokio::test]

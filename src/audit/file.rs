@@ -30,6 +30,10 @@ pub const HEAD_FILE: &str = "audit.head";
 /// One index entry per this many events: the file offset of event
 /// `k * INDEX_STRIDE + 1`, so a page read seeks close to where it starts.
 pub const INDEX_STRIDE: u64 = 1024;
+/// Single-event batches in a row after which a leader stops yielding to
+/// gather other callers' events: a caller alone would only pay for the
+/// yield, while under load a run of this many is rare.
+const SOLO_BATCHES: u32 = 8;
 /// `{sequence:020} {hash}\n`
 const HEAD_RECORD_LEN: usize = 20 + 1 + 64 + 1;
 
@@ -145,6 +149,10 @@ pub struct State {
     failed: Vec<(u64, u64, String)>,
     /// Whether a leader is writing.
     writing: bool,
+    /// Batches in a row that covered a single event. Below
+    /// `SOLO_BATCHES`, callers are arriving together and a leader gathers
+    /// them before it writes.
+    solo_batches: u32,
     /// Set when a failed write or sync could not be undone: the file no
     /// longer matches the chain, so no further event may be appended.
     broken: Option<String>,
@@ -155,6 +163,8 @@ pub struct Queued {
     ticket: u64,
     /// Whether its caller must lead the next batch.
     lead: bool,
+    /// Whether the leader should first let other callers queue events.
+    gather: bool,
     /// Whether the event is already written, so `wait` has nothing to do.
     written: bool,
 }
@@ -383,6 +393,7 @@ impl TrailFile {
                 written_ticket: 0,
                 failed: Vec::new(),
                 writing: false,
+                solo_batches: 0,
                 broken: None,
             }),
             writer: Mutex::new(Writer { file, head_file }),
@@ -425,6 +436,7 @@ impl TrailFile {
         Ok(Queued {
             ticket: state.last_ticket,
             lead: !std::mem::replace(&mut state.writing, true),
+            gather: state.solo_batches < SOLO_BATCHES,
             written: false,
         })
     }
@@ -462,6 +474,7 @@ impl TrailFile {
         Ok(Queued {
             ticket: state.last_ticket,
             lead: false,
+            gather: false,
             written: true,
         })
     }
@@ -472,6 +485,7 @@ impl TrailFile {
         let Queued {
             ticket,
             mut lead,
+            mut gather,
             written,
         } = queued;
         // Under `SyncPolicy::Within` the event was written as it was
@@ -481,13 +495,16 @@ impl TrailFile {
             return Ok(());
         }
         loop {
-            if lead {
+            if lead && gather {
                 // Lets the callers already runnable queue their events first,
                 // so one sync covers them: at concurrency 64 a batch grew
-                // from about 8 events to 32. Alone, a caller resumes at once.
+                // from about 8 events to 32. A caller alone does not yield,
+                // since the yield costs it a pass through the I/O driver.
                 let handover = Handover(self);
                 tokio::task::yield_now().await;
                 std::mem::forget(handover);
+            }
+            if lead {
                 self.lead();
             }
             // Registered before the state is read, so a batch finishing in
@@ -505,6 +522,7 @@ impl TrailFile {
                         // batch.
                         state.writing = true;
                         lead = true;
+                        gather = true;
                         continue;
                     }
                     Outcome::Waiting => lead = false,
@@ -545,6 +563,11 @@ impl TrailFile {
         let mut state = self.lock();
         match written {
             Ok(()) => {
+                state.solo_batches = if ticket - state.written_ticket > 1 {
+                    0
+                } else {
+                    state.solo_batches.saturating_add(1)
+                };
                 state.durable = head.clone();
                 state.durable_end = end;
                 state.written_ticket = ticket;

@@ -4,7 +4,9 @@
 //! N. Appending is a group commit run by the callers themselves. The first
 //! caller to find no write in progress becomes the leader: it writes every
 //! event queued so far in one `write`, syncs it (`fdatasync`) and wakes the
-//! callers whose events it covered. The others wait. Doing the I/O in a
+//! callers whose events it covered. The others wait. While callers arrive
+//! together, the leader first yields once, so those already runnable join
+//! its batch. Doing the I/O in a
 //! caller's task, not in a writer thread, matters on a busy machine: a
 //! thread that sleeps between batches waits for the scheduler each time it
 //! wakes, and every caller waits with it.

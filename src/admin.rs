@@ -105,7 +105,14 @@ pub async fn fetch_backup(url: &str) -> Result<(Backup, Vec<u8>), String> {
     let mut stream = client
         .create_backup(request)
         .await
-        .map_err(|status| format!("CreateBackup failed: {}", status.message()))?
+        .map_err(|status| match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => format!(
+                "CreateBackup failed: {}; set {ADMIN_KEY_VARIABLE} to the bearer key of an \
+                 admin caller",
+                status.message()
+            ),
+            _ => format!("CreateBackup failed: {}", status.message()),
+        })?
         .into_inner();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream

@@ -76,7 +76,8 @@ pub struct BackupArgs {
     pub out: PathBuf,
 
     /// Address of the running server to back up, such as
-    /// http://127.0.0.1:50051.
+    /// http://127.0.0.1:50051. With a policy file, the call needs an admin
+    /// caller's bearer key in STVAULT_ADMIN_KEY.
     #[arg(long, env = "STVAULT_BACKUP_SERVER", default_value = DEFAULT_SERVER, conflicts_with = "data_dir")]
     pub server: String,
 

@@ -214,6 +214,7 @@ impl Config {
         };
 
         let master_key = master_key_source(args.master_key_file, &args.data_dir)
+            .and_then(|source| crate::keyring::check_configured(&source).map(|()| source))
             .map_err(|e| errors.push(e))
             .ok();
         let storage = storage(

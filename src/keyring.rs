@@ -145,6 +145,16 @@ pub fn load(source: &MasterKeySource) -> Result<Keyring, String> {
     }
 }
 
+/// Checks that the master key set by `STVAULT_MASTER_KEY` or
+/// `STVAULT_MASTER_KEY_FILE` loads, so a bad one is reported with the
+/// other settings. A key kept in the data directory is read when it opens.
+pub fn check_configured(source: &MasterKeySource) -> Result<(), String> {
+    match source {
+        MasterKeySource::DataDir(_) => Ok(()),
+        configured => load(configured).map(drop),
+    }
+}
+
 fn read_key_file(path: &Path) -> Result<Keyring, String> {
     config::check_key_file_mode(path)?;
     let text = SecretString::new(

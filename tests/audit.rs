@@ -529,6 +529,39 @@ fn edit_caller(events: &mut [String], sequence: usize, caller: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn backup_without_key_names_the_variable() {
+    let fake = fake().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, callers) = start(Backend::Sled, &fake, dir.path()).await;
+    // The policy admits only callers with a key, so a backup without one
+    // is refused with the name of the variable that carries it.
+    let backup = |key: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_stvault"));
+        command
+            .arg("backup")
+            .arg("--server")
+            .arg(format!("http://{}", server.addr))
+            .arg("--out")
+            .arg(dir.path().join(format!("backup-{}", key.is_some())))
+            .env_remove("STVAULT_ADMIN_KEY");
+        if let Some(key) = key {
+            command.env("STVAULT_ADMIN_KEY", key);
+        }
+        command.output().expect("run stvault backup")
+    };
+    let refused = backup(None);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("set STVAULT_ADMIN_KEY"), "{stderr}");
+    let taken = backup(Some(&callers.operator.key));
+    assert!(
+        taken.status.success(),
+        "{}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn verify_detects_edited_and_deleted_events() {
     let fake = fake().await;
     let dir = tempfile::tempdir().unwrap();

@@ -79,6 +79,21 @@ async fn wrong_master_key_fails_at_startup(backend: Backend) {
     assert!(!output.contains(&key_a), "a key was printed");
     assert!(!output.contains(&base64_key(&KEY_B)), "a key was printed");
 
+    // With no key configured, a key is generated in the data directory,
+    // found not to match, and removed again.
+    let mut env = server.env.clone();
+    env.remove("STVAULT_MASTER_KEY");
+    let (code, output) = run_expecting_exit(&env);
+    assert_ne!(code, 0);
+    assert!(
+        output.contains("not the key this data directory was written with"),
+        "{output}"
+    );
+    assert!(
+        !server.data_dir().join("master.key").exists(),
+        "the generated key was left behind"
+    );
+
     // The right key still opens it.
     server.launch().await;
 }
@@ -111,7 +126,7 @@ fn readable_key_file_is_refused() {
         key_file.display().to_string(),
     );
     let (code, output) = run_expecting_exit(&env);
-    assert_ne!(code, 0);
+    assert_eq!(code, 78, "{output}");
     assert!(output.contains("chmod 600"), "{output}");
 }
 
@@ -120,9 +135,11 @@ fn malformed_master_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut env = loopback_env(dir.path());
     env.insert("STVAULT_MASTER_KEY".into(), "c2hvcnQ=".into());
+    env.insert("STVAULT_UPSTREAM_TIMEOUT".into(), "forever".into());
     let (code, output) = run_expecting_exit(&env);
-    assert_ne!(code, 0);
+    assert_eq!(code, 78, "{output}");
     assert!(output.contains("32 bytes"), "{output}");
+    assert!(output.contains("STVAULT_UPSTREAM_TIMEOUT"), "{output}");
     assert!(
         !output.contains("c2hvcnQ="),
         "the key was printed: {output}"

@@ -71,6 +71,11 @@ impl VaultService {
             tenant.id = tracing::field::Empty,
             credential.version = tracing::field::Empty,
         );
+        // A tenant the request names is already in the audit subject, so
+        // `context::record_ids` does not record it again.
+        if let Some(tenant_id) = call.named.tenant_id {
+            span.record("tenant.id", tenant_id);
+        }
         let started = Instant::now();
         let authenticated = self.auth.authenticate(&Presented {
             metadata: request.metadata(),
@@ -123,7 +128,9 @@ impl VaultService {
             Ok(_) => tracing::info!(code = "OK", latency_ms, "rpc finished"),
             Err(status) => tracing::info!(
                 code = ?status.code(),
-                message = status.message(),
+                // Not `message`: log formats use that name for the line's
+                // own text, so JSON output would carry the key twice.
+                error = status.message(),
                 latency_ms,
                 "rpc finished"
             ),
@@ -204,7 +211,6 @@ impl CredentialVault for VaultService {
                         )?,
                         skip_verification: request.skip_verification,
                     };
-                    tracing::Span::current().record("tenant.id", new.tenant_id);
                     let (record, created) = vault
                         .register(new, &caller.identity)
                         .await

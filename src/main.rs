@@ -109,6 +109,10 @@ struct VerifyArgs {
 }
 
 fn main() -> ExitCode {
+    // stvault's files hold sealed secrets, keys or the audit trail, so every
+    // file and directory it creates, sled's included, is private to its owner.
+    // SAFETY: umask only sets this process's file mode mask.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let runtime =

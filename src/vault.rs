@@ -90,6 +90,14 @@ pub struct Rotation {
     pub skip_verification: bool,
 }
 
+/// The outcome of `Vault::rotate`.
+pub struct Rotated {
+    pub record: ConnectionRecord,
+    /// False when the credentials given equal the current ones, as when a
+    /// rotation that succeeded is retried.
+    pub changed: bool,
+}
+
 /// New connection settings; `None` keeps the stored value.
 pub struct SettingsUpdate {
     pub display_name: Option<String>,
@@ -341,13 +349,14 @@ impl Vault {
     /// Rotates credentials: stores them as a pending version, verifies them,
     /// then makes them current and the former current version previous. A
     /// failed verification discards the pending version and leaves the
-    /// current one in use.
+    /// current one in use. Credentials equal to the current ones change
+    /// nothing, which `Rotated::changed` reports.
     pub async fn rotate(
         &self,
         id: &str,
         rotation: Rotation,
         caller: &str,
-    ) -> Result<ConnectionRecord, VaultError> {
+    ) -> Result<Rotated, VaultError> {
         let lock = self.change_lock(id);
         let _guard = lock.lock().await;
 
@@ -365,7 +374,10 @@ impl Vault {
             && app_key.ct_eq(&current.app_key);
         if unchanged {
             // A retried rotation whose first attempt succeeded.
-            return Ok(record);
+            return Ok(Rotated {
+                record,
+                changed: false,
+            });
         }
 
         let data_key = self.data_key(&record)?;
@@ -395,7 +407,10 @@ impl Vault {
                 })
                 .await?;
             self.broker.invalidate(id);
-            return Ok(next);
+            return Ok(Rotated {
+                record: next,
+                changed: true,
+            });
         }
 
         // The pending version is on disk before ServiceTitan is asked, so a
@@ -454,7 +469,10 @@ impl Vault {
         crate::testhook::point("rotate:after_promote").await;
         self.broker.invalidate(id);
         self.announce(&before, &next);
-        Ok(next)
+        Ok(Rotated {
+            record: next,
+            changed: true,
+        })
     }
 
     /// Makes the previous credential version current again.

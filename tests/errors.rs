@@ -193,6 +193,30 @@ async fn invalid_arguments_name_the_field(backend: Backend) {
         let bad_request = details.bad_request().expect("BadRequest detail");
         assert_eq!(bad_request.field_violations[0].field, field);
     }
+
+    // Every field to fix is named at once, each with a violation.
+    let status = client
+        .register_connection(pb::RegisterConnectionRequest {
+            environment: pb::Environment::Integration as i32,
+            tenant_id: TENANT,
+            ..Default::default()
+        })
+        .await
+        .expect_err("three fields are missing");
+    assert_eq!(
+        status.message(),
+        "client_id: is required; client_secret: is required; app_key: is required"
+    );
+    let details = status.get_error_details();
+    let fields: Vec<&str> = details
+        .bad_request()
+        .expect("BadRequest detail")
+        .field_violations
+        .iter()
+        .map(|violation| violation.field.as_str())
+        .collect();
+    assert_eq!(fields, ["client_id", "client_secret", "app_key"]);
+
     assert_eq!(
         fake.token_requests(),
         0,

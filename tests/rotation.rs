@@ -160,6 +160,21 @@ async fn verified_rotation_becomes_current(backend: Backend) {
         before, after,
         "the token of version 1 is no longer handed out"
     );
+
+    // The same rotation again, as a retry would send it, changes nothing
+    // and is logged as such.
+    let retried = client
+        .rotate_credentials(rotate_request(&id, SECRET_2))
+        .await
+        .expect("retried rotation")
+        .into_inner();
+    assert_eq!(retried.credential_version, 2);
+    let logs = server.logs();
+    assert_eq!(logs.matches("credentials rotated").count(), 1, "{logs}");
+    assert!(
+        logs.contains("credentials unchanged: they equal the current version"),
+        "{logs}"
+    );
 }
 
 async fn failed_rotation_keeps_current(backend: Backend) {

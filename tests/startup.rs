@@ -112,6 +112,28 @@ async fn generated_key_file_is_private() {
         .mode()
         & 0o777;
     assert_eq!(data_mode, 0o700);
+
+    // Everything inside, sled's files included, is the owner's alone.
+    let mut directories = vec![server.data_dir()];
+    let mut checked = 0;
+    while let Some(directory) = directories.pop() {
+        for entry in std::fs::read_dir(&directory).unwrap() {
+            let entry = entry.unwrap();
+            let metadata = entry.metadata().unwrap();
+            let mode = metadata.permissions().mode() & 0o777;
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} has mode {mode:o}",
+                entry.path().display()
+            );
+            checked += 1;
+            if metadata.is_dir() {
+                directories.push(entry.path());
+            }
+        }
+    }
+    assert!(checked > 3, "only {checked} files in the data directory");
 }
 
 #[test]

@@ -196,19 +196,35 @@ impl CredentialVault for VaultService {
                 request,
                 |caller, request| async move {
                     let request = request.into_inner();
+                    let mut violations = validate::Violations::default();
+                    let environment =
+                        violations.check(validate::environment("environment", request.environment));
+                    let tenant_id =
+                        violations.check(validate::tenant_id("tenant_id", request.tenant_id));
+                    let client_id =
+                        violations.check(validate::credential("client_id", &request.client_id));
+                    let client_secret =
+                        violations.check(validate::secret("client_secret", request.client_secret));
+                    let app_key = violations.check(validate::secret("app_key", request.app_key));
+                    let display_name =
+                        violations.check(validate::display_name(&request.display_name));
+                    let labels = violations.check(validate::labels(request.labels));
+                    let required_scope_groups = violations.check(validate::scope_groups(
+                        "required_scope_groups",
+                        request.required_scope_groups,
+                    ));
+                    violations.finish()?;
+                    let checked = "finish returned Ok, so every field passed";
                     let new = NewConnection {
-                        environment: validate::environment("environment", request.environment)?,
-                        tenant_id: validate::tenant_id("tenant_id", request.tenant_id)?,
-                        client_id: validate::credential("client_id", &request.client_id)?,
-                        client_secret: validate::secret("client_secret", request.client_secret)?,
-                        app_key: validate::secret("app_key", request.app_key)?,
-                        display_name: validate::display_name(&request.display_name)?,
-                        labels: validate::labels(request.labels)?,
+                        environment: environment.expect(checked),
+                        tenant_id: tenant_id.expect(checked),
+                        client_id: client_id.expect(checked),
+                        client_secret: client_secret.expect(checked),
+                        app_key: app_key.expect(checked),
+                        display_name: display_name.expect(checked),
+                        labels: labels.expect(checked),
                         enterprise_hub: request.enterprise_hub,
-                        required_scope_groups: validate::scope_groups(
-                            "required_scope_groups",
-                            request.required_scope_groups,
-                        )?,
+                        required_scope_groups: required_scope_groups.expect(checked),
                         skip_verification: request.skip_verification,
                     };
                     let (record, created) = vault
@@ -314,16 +330,24 @@ impl CredentialVault for VaultService {
                             "set at least one of client_id, client_secret or app_key to rotate",
                         ));
                     }
-                    let record = vault
+                    let rotated = vault
                         .rotate(&id, rotation, &caller.identity)
                         .await
                         .map_err(to_status)?;
+                    let record = rotated.record;
                     record_connection(&record);
                     record_credential_version(record.current().version);
-                    tracing::info!(
-                        credential.version = record.current().version,
-                        "credentials rotated"
-                    );
+                    if rotated.changed {
+                        tracing::info!(
+                            credential.version = record.current().version,
+                            "credentials rotated"
+                        );
+                    } else {
+                        tracing::info!(
+                            credential.version = record.current().version,
+                            "credentials unchanged: they equal the current version"
+                        );
+                    }
                     Ok(Response::new(convert::connection(&record)))
                 },
             )

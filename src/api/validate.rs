@@ -32,6 +32,59 @@ pub fn invalid(field: &str, description: impl Into<String>) -> Status {
     Status::with_error_details(Code::InvalidArgument, message, details)
 }
 
+/// Collects the rejections of several fields, so one reply names every
+/// field to fix instead of the first.
+#[derive(Default)]
+pub struct Violations {
+    violations: Vec<(String, String)>,
+}
+
+impl Violations {
+    /// Returns the value, or `None` after noting why it was rejected.
+    pub fn check<T>(&mut self, result: Result<T, Status>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(status) => {
+                match status.get_details_bad_request() {
+                    Some(bad_request) => self.violations.extend(
+                        bad_request
+                            .field_violations
+                            .into_iter()
+                            .map(|v| (v.field, v.description)),
+                    ),
+                    None => self
+                        .violations
+                        .push((String::new(), status.message().to_owned())),
+                }
+                None
+            }
+        }
+    }
+
+    /// Returns an `INVALID_ARGUMENT` status naming every field noted, with
+    /// one `BadRequest` violation each, or `Ok` when none was.
+    pub fn finish(self) -> Result<(), Status> {
+        if self.violations.is_empty() {
+            return Ok(());
+        }
+        let message = self
+            .violations
+            .iter()
+            .map(|(field, description)| format!("{field}: {description}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut details = ErrorDetails::new();
+        for (field, description) in self.violations {
+            details.add_bad_request_violation(field, description);
+        }
+        Err(Status::with_error_details(
+            Code::InvalidArgument,
+            message,
+            details,
+        ))
+    }
+}
+
 pub fn environment(field: &str, value: i32) -> Result<Environment, Status> {
     match pb::Environment::try_from(value) {
         Ok(pb::Environment::Production) => Ok(Environment::Production),

@@ -252,6 +252,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn serve(args: ServeArgs) -> ExitCode {
+    let shutdown = shutdown_signal();
     let config = match Config::from_args(args) {
         Ok(config) => config,
         Err(errors) => {
@@ -318,7 +319,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         opened.auth.clone(),
         stvault::on_policy_reload(&opened),
     ));
-    match stvault::serve(opened, listener, shutdown_signal()).await {
+    match stvault::serve(opened, listener, shutdown).await {
         Ok(()) => {
             tracing::info!("stvault stopped");
             ExitCode::SUCCESS
@@ -330,14 +331,21 @@ async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Returns a future that completes on SIGTERM or SIGINT. The handlers are
+/// installed before it returns, so a signal that arrives while the server
+/// is still starting stops it gracefully once it serves, instead of
+/// killing the process.
+fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut terminate =
         signal(SignalKind::terminate()).expect("installing a SIGTERM handler succeeds");
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let mut interrupt =
+        signal(SignalKind::interrupt()).expect("installing a SIGINT handler succeeds");
+    async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        tracing::info!("shutdown requested; finishing in-flight requests");
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
 }

@@ -719,7 +719,8 @@ async fn health_listener_serves_only_health(backend: Backend) {
         .await
         .expect_err("the health listener served the vault");
     assert_eq!(refused.code(), Code::Unimplemented);
-    assert!(server.terminate().success());
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}\n{}", server.logs());
 }
 
 async fn json_log_format_writes_one_object_per_line(backend: Backend) {

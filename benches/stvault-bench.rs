@@ -700,14 +700,14 @@ fn measure_sync(path: &Path) -> Measurement {
 struct ServerProcess {
     addr: SocketAddr,
     child: std::process::Child,
-    /// From spawn until Health/Check first answered SERVING.
+    /// From spawn until Health/Check first returned SERVING.
     startup: Duration,
 }
 
 impl ServerProcess {
     /// Spawns the real binary on `data_dir` with the fake ServiceTitan's
     /// endpoints, default settings otherwise (logs at the default level,
-    /// discarded) and `env`, and returns once its Health/Check answers
+    /// discarded) and `env`, and returns once its Health/Check returns
     /// SERVING.
     async fn start(
         fake: &FakeServiceTitan,
@@ -758,9 +758,9 @@ impl ServerProcess {
     fn cpu_time(&self) -> Duration {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
             .expect("the child's stat is readable");
-        // The command name, in parentheses, may contain spaces; the fields
-        // after it are numbered from 3, so utime (14) and stime (15) are
-        // the 12th and 13th after it.
+        // The command name, in parentheses, may contain spaces. Fields after
+        // it are numbered from 3, so utime (14) and stime (15) are the 12th
+        // and 13th after it.
         let after_name = &stat[stat.rfind(')').expect("stat names the command") + 2..];
         let mut fields = after_name.split(' ').skip(11);
         let mut ticks = || -> u64 {

@@ -42,7 +42,7 @@ pub const MAX_CONCURRENT_TOKEN_REQUESTS: usize = 64;
 pub trait TokenSource: Send + Sync + 'static {
     /// Requests an access token for `credentials`. `need` is the time left
     /// that the call which started the request asked for (zero for a
-    /// background refresh): a source that holds tokens already issued
+    /// background refresh). A source that keeps tokens already issued
     /// returns one only if it has that much left, capped at half its
     /// lifetime as `CachedToken::satisfies` caps it.
     fn request_token<'a>(
@@ -225,7 +225,7 @@ struct Entries {
     by_connection: HashMap<String, Entry>,
     /// Connection id of the installed slot of each environment and tenant,
     /// so a token request that names a tenant finds its slot without the
-    /// database. Each value names a connection whose entry holds a slot of
+    /// database. Each value names a connection whose entry has a slot of
     /// that tenant.
     by_tenant: HashMap<(Environment, i64), String>,
 }

@@ -322,7 +322,7 @@ mod tests {
     }
 
     #[test]
-    fn token_bound_to_connection_and_version_and_apart_from_fields() {
+    fn token_seal_binds_connection_and_version() {
         let key = DataKey::generate();
         let sealed = key.seal_token("c1", 3, "Bearer\09000", &secret("eyJ.token"));
         let open = |id, version, bound, sealed| key.open_token(id, version, bound, sealed);

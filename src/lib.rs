@@ -470,8 +470,8 @@ pub async fn serve(
     if changes.is_some() {
         // Calls wait until this server hears of other servers' changes, so
         // none caches credentials that a change it missed made stale.
-        let heard = tokio::time::timeout(FIRST_LISTEN_TIMEOUT, listening.notified()).await;
-        if heard.is_err() {
+        let listened = tokio::time::timeout(FIRST_LISTEN_TIMEOUT, listening.notified()).await;
+        if listened.is_err() {
             tracing::warn!(
                 wait_ms = FIRST_LISTEN_TIMEOUT.as_millis() as u64,
                 "not yet listening for changes from other servers; serving anyway"

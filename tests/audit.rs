@@ -474,7 +474,7 @@ async fn events_hold_no_secrets(backend: Backend) {
 }
 
 /// Returns the stored audit trail as text: the trail file on sled, or on
-/// PostgreSQL the dump of the audit tables. The rest of the database holds
+/// PostgreSQL the dump of the audit tables. The rest of the database contains
 /// the shared policy, whose bearer key hashes are there by design.
 fn stored_trail(server: &Server) -> String {
     match &server.database {
@@ -549,15 +549,15 @@ async fn backup_without_key_names_the_variable() {
         }
         command.output().expect("run stvault backup")
     };
-    let refused = backup(None);
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let without_key = backup(None);
+    assert!(!without_key.status.success());
+    let stderr = String::from_utf8_lossy(&without_key.stderr);
     assert!(stderr.contains("set STVAULT_ADMIN_KEY"), "{stderr}");
-    let taken = backup(Some(&callers.operator.key));
+    let with_key = backup(Some(&callers.operator.key));
     assert!(
-        taken.status.success(),
+        with_key.status.success(),
         "{}",
-        String::from_utf8_lossy(&taken.stderr)
+        String::from_utf8_lossy(&with_key.stderr)
     );
 }
 

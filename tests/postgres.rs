@@ -1407,7 +1407,7 @@ async fn replicas_serve_cached_tokens_during_outage() {
 
     let stopped_at = std::time::SystemTime::now();
     cluster.stop();
-    // Verification cannot read the chain now, and says where it looked.
+    // Verification cannot read the chain now, and names the setting it used.
     let (code, output) = verify_audit(&url);
     assert_ne!(code, 0, "{output}");
     assert!(output.contains("STVAULT_DATABASE_URL"), "{output}");
@@ -1935,7 +1935,7 @@ async fn refused_audit_insert_stops_changes_before_they_act() {
     let id = register(&server, TENANT).await;
     token_by_id(&server, &id).await.expect("token");
 
-    // The database still answers reads but refuses every new event, as it
+    // The database still serves reads but rejects every new event, as it
     // would with a revoked privilege or a full disk.
     let database = connect(&url).await;
     database

@@ -1,7 +1,7 @@
 //! Replicas sharing one PostgreSQL database. Token work: a cold burst over
-//! two replicas costs ServiceTitan one token request, a replica killed
-//! while it holds a connection's lease is taken over once the lease lapses,
-//! a rate-limit pause reaches every replica, and the shared token is stored
+//! two replicas costs ServiceTitan one token request. A replica killed
+//! while it has a connection's lease is taken over once the lease lapses.
+//! A rate-limit pause reaches every replica, and the shared token is stored
 //! sealed. Policy: a policy reloaded on one replica is in force on the
 //! other within a second, a policy row forged in the database is not
 //! enforced, and a reload during a database outage is shared once the
@@ -301,7 +301,7 @@ async fn rotation_replaces_the_shared_token() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn policy_reloaded_on_one_replica_applies_to_the_other() {
+async fn policy_reload_reaches_other_replica() {
     let cluster = Postgres::start();
     let url = cluster.create_database("vault").await;
     let fake = fake().await;
@@ -314,20 +314,7 @@ async fn policy_reloaded_on_one_replica_applies_to_the_other() {
     );
     // Each replica reads a file of its own, so only the shared policy can
     // carry the first one's change to the second.
-    let dir = tempfile::tempdir().unwrap();
-    let first_file = dir.path().join("first.toml");
-    let second_file = dir.path().join("second.toml");
-    std::fs::write(&first_file, &both).unwrap();
-    std::fs::write(&second_file, &both).unwrap();
-    let first = Server::start_postgres(
-        &fake,
-        &url,
-        &[("STVAULT_POLICY_FILE", first_file.to_str().unwrap())],
-    )
-    .await;
-    let second = first
-        .start_replica_with(&[("STVAULT_POLICY_FILE", second_file.to_str().unwrap())])
-        .await;
+    let (first, second, _dir, first_file) = policy_replicas(&fake, &url, &both).await;
     let mut client = second.client().await;
     client
         .list_connections(auditor.request(pb::ListConnectionsRequest::default()))
@@ -371,7 +358,7 @@ async fn policy_reloaded_on_one_replica_applies_to_the_other() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn shared_token_with_too_little_left_is_not_handed_out() {
+async fn shared_token_short_of_min_valid_for() {
     let cluster = Postgres::start();
     let fake = fake().await;
     let (first, second, id) = replicas(&cluster, &fake, &[]).await;
@@ -418,7 +405,7 @@ async fn edited_token_rows_are_not_trusted() {
     tokio::spawn(connection);
 
     // An edited type or expiry no longer matches the token's seal, so the
-    // other replica asks ServiceTitan rather than pass them on.
+    // other replica requests a new token instead of passing them on.
     database
         .batch_execute(
             "UPDATE stvault_tokens SET token_type = 'Basic', expires_at_ms = expires_at_ms + 1",

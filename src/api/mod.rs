@@ -597,7 +597,7 @@ impl VaultService {
     /// reveal whether a tenant or connection exists.
     ///
     /// While the database is unreachable, both lookups use the connections
-    /// whose credentials the broker holds in memory, and a connection that
+    /// whose credentials the broker keeps in memory, and a connection that
     /// is not cached fails with `UNAVAILABLE`.
     /// NOTE: during an outage, a caller limited to some tenants can tell a
     /// cached connection of another tenant (`PERMISSION_DENIED`) from an

@@ -113,6 +113,20 @@ pub fn scan_lines(
     }
 }
 
+/// Cuts the incomplete line after offset `end` off a file of JSON lines.
+/// Only a write interrupted by a crash leaves a line without its newline,
+/// and no call whose event it contains returned success.
+pub fn drop_incomplete_line(file: &File, path: &Path, end: u64) -> Result<(), AuditError> {
+    tracing::warn!(
+        file = %path.display(),
+        offset = end,
+        "dropping an incomplete audit event left by an interrupted write"
+    );
+    file.set_len(end)?;
+    file.sync_data()?;
+    Ok(())
+}
+
 /// When appended events reach the disk, relative to the call's reply.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SyncPolicy {
@@ -231,7 +245,7 @@ pub struct TrailFile {
     pub path: PathBuf,
 }
 
-/// What the sync thread writes and syncs.
+/// Files that the sync thread writes and syncs.
 struct SyncedFiles {
     trail: File,
     head: File,
@@ -273,15 +287,7 @@ impl TrailFile {
             Ok(true)
         })?;
         if incomplete {
-            // Only a write interrupted by a crash leaves a line without its
-            // newline, and no call that wrote it returned success.
-            tracing::warn!(
-                file = %path.display(),
-                offset = end,
-                "dropping an incomplete audit event left by an interrupted write"
-            );
-            file.set_len(end)?;
-            file.sync_data()?;
+            drop_incomplete_line(&file, &path, end)?;
         }
         file.seek(SeekFrom::Start(end))?;
 
@@ -460,9 +466,9 @@ impl TrailFile {
             return Err(AuditError::Unavailable(reason));
         }
         self.unsynced.store(true, Ordering::SeqCst);
-        // The head record may lag the trail (see `open`); the sync thread
-        // brings it up to date with each sync, one write per interval
-        // rather than one per event.
+        // The head record may lag the trail (see `open`). The sync thread
+        // brings it up to date with each sync, so it costs one write per
+        // interval instead of one per event.
         *self
             .latest_head
             .lock()

@@ -134,7 +134,7 @@ impl PostgresTrail {
     }
 
     /// Checks that an event could be inserted now, with an insert that is
-    /// rolled back. A database that answers reads may still refuse writes
+    /// rolled back. A database that serves reads may still reject writes
     /// (a revoked privilege, a full disk, a constraint), so a read proves
     /// too little before an RPC acts.
     pub async fn probe_insert(&self) -> Result<(), StoreError> {

@@ -25,7 +25,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::file::scan_lines;
+use super::file::{drop_incomplete_line, scan_lines};
 use super::{AuditError, EventDraft};
 
 pub const SPOOL_FILE: &str = "audit-spool.jsonl";
@@ -114,15 +114,7 @@ impl Spool {
             Ok(true)
         })?;
         if incomplete {
-            // Only a write interrupted by a crash leaves a line without its
-            // newline, and no call whose event it contains returned success.
-            tracing::warn!(
-                file = %path.display(),
-                offset = end,
-                "dropping an incomplete event at the end of the audit spool"
-            );
-            file.set_len(end)?;
-            file.sync_data()?;
+            drop_incomplete_line(&file, &path, end)?;
         }
         match spool_id {
             Some(id) => {

@@ -183,7 +183,7 @@ impl PostgresStore {
                 let lifetime = binding.lifetime();
                 let needed = request.min_left.min(lifetime / 2).as_secs_f64();
                 // Time left beyond the lifetime means a clock jumped or the
-                // row was edited; the seal catches the edit, and either way
+                // row was edited. The seal catches an edit, and in both cases
                 // the replica requests a new token.
                 if remaining > lifetime.as_secs_f64() * request.min_share_left
                     && remaining >= needed

@@ -170,6 +170,11 @@ pub struct BrokerSettings {
 
 type FetchResult = Result<Arc<CachedToken>, TokenError>;
 
+/// Time after a token request is sent at which its waiters stop waiting and
+/// get the cached token, if that has not expired. An estimate: ServiceTitan
+/// usually issues a token in under a second.
+const STALE_TOKEN_PATIENCE: Duration = Duration::from_secs(2);
+
 /// The cache entry of one connection at one credential version.
 pub struct Slot {
     pub credentials: Credentials,
@@ -180,6 +185,8 @@ pub struct Slot {
 struct SlotState {
     token: Option<Arc<CachedToken>>,
     inflight: Option<watch::Receiver<Option<FetchResult>>>,
+    /// When the request in flight, or the last one, was sent.
+    inflight_since: Option<Instant>,
     cooldown: Option<Cooldown>,
 }
 
@@ -206,8 +213,18 @@ impl Cooldown {
 }
 
 impl Slot {
+    /// Returns the cached token unless it has expired, and the time until
+    /// which a caller that needs a newer one waits for the request in flight.
+    fn fallback(&self, now: Instant) -> Option<(Arc<CachedToken>, Instant)> {
+        let state = self.state.lock().expect("slot lock is never poisoned");
+        let token = state.token.clone().filter(|token| !token.is_expired(now))?;
+        let sent = state.inflight_since.unwrap_or(now);
+        let until = (sent + STALE_TOKEN_PATIENCE).min(token.expires_at);
+        Some((token, until))
+    }
+
     /// Returns the cached token unless it has expired, whatever its margin.
-    fn unexpired_token(&self, now: Instant) -> Option<Arc<CachedToken>> {
+    pub fn unexpired_token(&self, now: Instant) -> Option<Arc<CachedToken>> {
         let state = self.state.lock().expect("slot lock is never poisoned");
         state.token.clone().filter(|token| !token.is_expired(now))
     }
@@ -399,6 +416,39 @@ impl Broker {
         entries.by_tenant.clear();
     }
 
+    /// Returns the wait left of the `429` pause of a connection's token
+    /// requests at credential `version`, if one is in force.
+    pub fn rate_limit_left(&self, connection_id: &str, version: u32) -> Option<Duration> {
+        let slot = self.installed(connection_id, version)?;
+        let state = slot.state.lock().expect("slot lock is never poisoned");
+        let cooldown = state.cooldown.as_ref()?;
+        let TokenError::RateLimited { retry_after } = cooldown.error_at(Instant::now()) else {
+            return None;
+        };
+        (Instant::now() < cooldown.until).then_some(retry_after)
+    }
+
+    /// Pauses a connection's token requests at credential `version` after a
+    /// `429` met outside the broker, unless a token is already in flight.
+    pub fn pause_after_rate_limit(&self, connection_id: &str, version: u32, wait: Duration) {
+        let Some(slot) = self.installed(connection_id, version) else {
+            return;
+        };
+        let mut state = slot.state.lock().expect("slot lock is never poisoned");
+        if state.inflight.is_none() {
+            state.cooldown = Some(Cooldown {
+                until: Instant::now() + wait,
+                error: TokenError::RateLimited { retry_after: wait },
+            });
+        }
+    }
+
+    fn installed(&self, connection_id: &str, version: u32) -> Option<Arc<Slot>> {
+        self.slot(connection_id)
+            .ok()
+            .filter(|slot| slot.credentials.version == version)
+    }
+
     /// Returns the cached slot of the connection of `tenant_id` in
     /// `environment`, without reading the database.
     pub fn tenant_slot(&self, environment: Environment, tenant_id: i64) -> Option<Arc<Slot>> {
@@ -420,13 +470,25 @@ impl Broker {
                 Lookup::Ready(result) => return result,
                 Lookup::Wait(receiver) => receiver,
             };
-            let result = match receiver.wait_for(Option::is_some).await {
-                Ok(value) => value
+            // While a token that has not expired is cached, a slow or hanging
+            // ServiceTitan delays callers only briefly.
+            let fallback = slot.fallback(Instant::now());
+            let answer = receiver.wait_for(Option::is_some);
+            let waited = match &fallback {
+                Some((_, until)) => tokio::time::timeout_at(*until, answer).await,
+                None => Ok(answer.await),
+            };
+            let result = match waited {
+                Ok(Ok(value)) => value
                     .clone()
                     .expect("wait_for returns only once the value is Some"),
                 // The fetch task ended without sending, which happens only if
                 // it panicked; `lookup` then starts a new request.
-                Err(_) => continue,
+                Ok(Err(_)) => continue,
+                Err(_) => match fallback {
+                    Some((token, _)) if !token.is_expired(Instant::now()) => return Ok(token),
+                    _ => continue,
+                },
             };
             let now = Instant::now();
             return match result {
@@ -495,6 +557,7 @@ impl Broker {
     ) -> watch::Receiver<Option<FetchResult>> {
         let (sender, receiver) = watch::channel(None);
         state.inflight = Some(receiver.clone());
+        state.inflight_since = Some(Instant::now());
         let broker = self.clone();
         let slot = slot.clone();
         tokio::spawn(async move {
@@ -520,7 +583,11 @@ impl Broker {
         self.upstream_requests.fetch_add(1, Ordering::Relaxed);
         let requested = Instant::now();
         let requested_wall = SystemTime::now();
-        let result = self.source.request_token(credentials, need).await;
+        let result = self
+            .source
+            .request_token(credentials, need)
+            .await
+            .and_then(|issued| for_connection_tenant(credentials, issued));
 
         let connection_id = &credentials.connection_id;
         match &result {
@@ -568,6 +635,28 @@ impl Broker {
                 });
             }
         }
+    }
+}
+
+/// Refuses a token whose `tenant` claim names another tenant: a caller
+/// allowed only the connection's tenant must not receive it. The claim is
+/// unsigned, so it can only make the broker refuse a token, never accept
+/// one, and a token without it is accepted.
+fn for_connection_tenant(
+    credentials: &Credentials,
+    issued: IssuedToken,
+) -> Result<IssuedToken, TokenError> {
+    let expected = credentials.tenant_id;
+    match &issued.claims.tenant {
+        Some(claimed) if *claimed != expected.to_string() => Err(TokenError::OtherTenant {
+            expected,
+            claimed: claimed
+                .chars()
+                .filter(char::is_ascii_digit)
+                .take(20)
+                .collect(),
+        }),
+        _ => Ok(issued),
     }
 }
 

@@ -18,7 +18,7 @@ use tonic::codegen::Bytes;
 const COPIED_FRAME: usize = 255;
 /// Larger messages keep their single frame, because for them the second
 /// write is a small part of the cost and many small frames would not be.
-const LARGEST_CUT: usize = 4096;
+const MAX_CUT_MESSAGE: usize = 4096;
 
 /// Wraps a response body so that its short messages are sent as frames h2
 /// copies.
@@ -56,7 +56,7 @@ where
             other => return Poll::Ready(other),
         };
         match frame.into_data() {
-            Ok(mut data) if data.len() > COPIED_FRAME && data.len() <= LARGEST_CUT => {
+            Ok(mut data) if data.len() > COPIED_FRAME && data.len() <= MAX_CUT_MESSAGE => {
                 this.rest = data.split_off(COPIED_FRAME);
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
@@ -145,7 +145,7 @@ mod tests {
     #[tokio::test]
     async fn small_and_large_messages_uncut() {
         let small = Bytes::from_static(&[7; COPIED_FRAME]);
-        let large = Bytes::from(vec![9; LARGEST_CUT + 1]);
+        let large = Bytes::from(vec![9; MAX_CUT_MESSAGE + 1]);
         let frames = sent(vec![
             Ok(Frame::data(small.clone())),
             Ok(Frame::data(large.clone())),

@@ -270,6 +270,7 @@ pub fn record_upstream_token<T>(
         Err(TokenError::RateLimited { .. }) => "rate_limited",
         Err(TokenError::Unavailable(_)) => "unavailable",
         Err(TokenError::InvalidResponse(_)) => "invalid_response",
+        Err(TokenError::OtherTenant { .. }) => "other_tenant",
     };
     metrics
         .upstream_requests

@@ -36,11 +36,14 @@ impl SecretString {
         self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
     }
 
-    /// Returns the last four characters, or fewer for a shorter value.
+    /// Returns the last four characters, or nothing for a value shorter
+    /// than 12, of which four would be too large a part.
     pub fn hint(&self) -> String {
         let chars: Vec<char> = self.0.chars().collect();
-        let start = chars.len().saturating_sub(4);
-        chars[start..].iter().collect()
+        if chars.len() < 12 {
+            return String::new();
+        }
+        chars[chars.len() - 4..].iter().collect()
     }
 }
 
@@ -90,9 +93,10 @@ mod tests {
 
     #[test]
     fn hint_takes_last_four_characters() {
-        assert_eq!(SecretString::new("ak1.abcdef".into()).hint(), "cdef");
-        assert_eq!(SecretString::new("xy".into()).hint(), "xy");
-        assert_eq!(SecretString::new("ab€déf".into()).hint(), "€déf");
+        assert_eq!(SecretString::new("ak1.abcdefgh".into()).hint(), "efgh");
+        assert_eq!(SecretString::new("ak1.abcdefg".into()).hint(), "");
+        assert_eq!(SecretString::new("xy".into()).hint(), "");
+        assert_eq!(SecretString::new("ak1.abcd€déf".into()).hint(), "€déf");
     }
 
     #[test]

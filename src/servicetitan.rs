@@ -5,7 +5,7 @@
 //! the few fields the vault needs (OAuth error code, rate-limit delay).
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -22,9 +22,10 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_EXPIRES_IN_SECS: i64 = 24 * 60 * 60;
 /// Wait assumed after a 429 that names no delay.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// Maximum rate-limit wait honoured, so a bogus header cannot park a
-/// connection for days.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Maximum rate-limit wait honoured. ServiceTitan counts its limits per
+/// second, so a longer wait more likely comes from a faulty header, and a
+/// retry after five minutes costs one request.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 pub const PRODUCTION_TOKEN_URL: &str = "https://auth.servicetitan.io/connect/token";
 pub const PRODUCTION_API_URL: &str = "https://api.servicetitan.io";
@@ -49,6 +50,13 @@ pub struct ClientConfig {
 /// Parses an endpoint URL, accepting plain `http` only for loopback hosts.
 pub fn parse_endpoint(setting: &str, value: &str) -> Result<Url, String> {
     let url = Url::parse(value).map_err(|e| format!("{setting} is not a valid URL: {e}"))?;
+    // The URL is logged at startup, and ServiceTitan takes no credentials
+    // in it.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{setting} must not contain a user name or password; remove the part before '@'"
+        ));
+    }
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback_host(&url) => Ok(url),
@@ -90,6 +98,12 @@ pub enum TokenError {
     /// A response that is not a usable token response.
     #[error("ServiceTitan returned an invalid token response: {0}")]
     InvalidResponse(String),
+    /// A token whose `tenant` claim names another tenant than the
+    /// connection's: the stored credentials are another tenant's.
+    #[error(
+        "ServiceTitan issued the token for tenant {claimed}, not for the connection's tenant {expected}"
+    )]
+    OtherTenant { expected: i64, claimed: String },
 }
 
 /// OAuth 2.0 error codes from RFC 6749, section 5.2.
@@ -328,7 +342,18 @@ fn retry_after_header(response: &reqwest::Response) -> Option<Duration> {
         .get(http::header::RETRY_AFTER)?
         .to_str()
         .ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    parse_retry_after(value, SystemTime::now())
+}
+
+/// Reads a `Retry-After` value, a number of seconds or an HTTP date (RFC
+/// 9110 allows both), as the wait from `now`.
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// Takes the wait from the header, else from the first number in the problem
@@ -601,6 +626,30 @@ mod tests {
         for bad in ["", "tok\r\nX-Evil: 1", "a b", "tok\u{0}", "===", "é"] {
             assert!(!is_bearer_token(bad), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_date() {
+        let now = httpdate::parse_http_date("Sat, 05 Dec 2026 02:00:00 GMT").unwrap();
+        let wait = |value| parse_retry_after(value, now);
+        assert_eq!(wait(" 30 "), Some(Duration::from_secs(30)));
+        assert_eq!(
+            wait("Sat, 05 Dec 2026 02:00:20 GMT"),
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(wait("Sat, 05 Dec 2026 01:59:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(wait("-5"), None);
+        assert_eq!(wait("soon"), None);
+    }
+
+    #[test]
+    fn retry_after_capped_at_five_minutes() {
+        let huge = Some(Duration::from_secs(99_999_999_999));
+        assert_eq!(rate_limit_delay(huge, b""), Duration::from_secs(300));
+        assert_eq!(
+            rate_limit_delay(Some(Duration::ZERO), b""),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]

@@ -503,13 +503,24 @@ impl Vault {
     pub async fn verify(&self, id: &str) -> Result<Report, VaultError> {
         let record = self.get(id).await?;
         let credentials = self.open_current(&record)?;
-        let report = verify::verify(
-            self.broker.client(),
-            &credentials,
-            &record.required_scope_groups,
-        )
-        .await;
-        self.record_report(id, credentials.version, &report).await?;
+        // Token requests of these credentials share one pause after a 429,
+        // whichever path met it.
+        let version = credentials.version;
+        let report = match self.broker.rate_limit_left(id, version) {
+            Some(left) => verify::paused_token_report(left),
+            None => {
+                verify::verify(
+                    self.broker.client(),
+                    &credentials,
+                    &record.required_scope_groups,
+                )
+                .await
+            }
+        };
+        if let Some(wait) = report.token_rate_limit() {
+            self.broker.pause_after_rate_limit(id, version, wait);
+        }
+        self.record_report(id, version, &report).await?;
         Ok(report)
     }
 
@@ -750,6 +761,14 @@ impl Vault {
             .cached_token(&slot, min_valid_for)
             .ok_or_else(|| VaultError::NoCachedToken(format!("connection {id}")))?;
         Ok(IssuedAccess { token, slot })
+    }
+
+    /// Returns the connection's cached token while it has not expired,
+    /// whatever its time left: for a caller whose wait for a new one ran out.
+    pub fn unexpired_access_token(&self, id: &str) -> Option<IssuedAccess> {
+        let slot = self.broker.slot(id).ok()?;
+        let token = slot.unexpired_token(tokio::time::Instant::now())?;
+        Some(IssuedAccess { token, slot })
     }
 
     /// Returns the broker's cache entry of a connection without reading the

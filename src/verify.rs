@@ -194,6 +194,37 @@ pub fn rejected_token_report() -> Report {
     report.finish()
 }
 
+/// Builds the report of a verification not sent because token requests for
+/// the credentials are paused after a `429`, with the wait left.
+pub fn paused_token_report(retry_after: Duration) -> Report {
+    let mut report = ReportBuilder::default();
+    report.fail(
+        "token",
+        Failure::RateLimited(retry_after),
+        format!(
+            "token requests for these credentials are paused because ServiceTitan rate limited \
+             them (HTTP 429); retry after {} s",
+            retry_after.as_secs().max(1)
+        ),
+        REMEDIATE_UPSTREAM,
+    );
+    report.skip_rest(
+        &["tenant", "app_key", "tenant_access"],
+        "skipped because no token was issued",
+    );
+    report.finish()
+}
+
+impl Report {
+    /// Returns ServiceTitan's wait when the token request was rate limited.
+    pub fn token_rate_limit(&self) -> Option<Duration> {
+        match (&self.failure, self.first_failure()) {
+            (Some(Failure::RateLimited(wait)), Some(check)) if check.name == "token" => Some(*wait),
+            _ => None,
+        }
+    }
+}
+
 /// Runs every check for `credentials`, stopping at the first failure that
 /// makes the later checks meaningless.
 pub async fn verify(
@@ -377,6 +408,14 @@ async fn token_check(
             Failure::Upstream,
             format!("ServiceTitan's token endpoint answered with an unusable response: {reason}"),
             REMEDIATE_UPSTREAM,
+        ),
+        TokenError::OtherTenant { expected, claimed } => report.fail(
+            "token",
+            Failure::Setup,
+            format!(
+                "the token was issued for tenant {claimed}, but the connection is registered for tenant {expected}"
+            ),
+            REMEDIATE_TENANT_ID,
         ),
     }
     report.skip_rest(&["tenant", "app_key", "tenant_access"], skip_reason);

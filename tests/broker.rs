@@ -83,6 +83,10 @@ impl ScriptedSource {
     fn set_failing(&self, error: Option<TokenError>) {
         self.script.lock().unwrap().failing = error;
     }
+
+    fn set_delay(&self, delay: Duration) {
+        self.script.lock().unwrap().delay = delay;
+    }
 }
 
 impl TokenSource for ScriptedSource {
@@ -336,6 +340,34 @@ async fn valid_token_served_through_outage() {
     assert_ne!(fresh.access_token.expose(), cached.access_token.expose());
 }
 
+#[tokio::test(start_paused = true)]
+async fn hanging_refresh_serves_unexpired_token() {
+    let source = ScriptedSource::new(Duration::from_secs(900), Duration::ZERO);
+    let broker = scripted_broker(source.clone());
+    let slot = install(&broker, "conn-hanging-refresh");
+    let min_valid_for = Duration::from_secs(60);
+    let cached = broker.token(&slot, min_valid_for).await.unwrap();
+
+    // 50 s before expiry, less than callers ask for, ServiceTitan hangs.
+    tokio::time::sleep(Duration::from_secs(850)).await;
+    source.set_delay(Duration::from_secs(3600));
+    let sent = Instant::now();
+    let first = broker.token(&slot, min_valid_for).await.unwrap();
+    let first_wait = sent.elapsed();
+
+    // A later caller finds the request already past its patience.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let sent = Instant::now();
+    let later = broker.token(&slot, min_valid_for).await.unwrap();
+    let later_wait = sent.elapsed();
+
+    assert_eq!(first.access_token.expose(), cached.access_token.expose());
+    assert_eq!(later.access_token.expose(), cached.access_token.expose());
+    assert_eq!(first_wait, Duration::from_secs(2));
+    assert_eq!(later_wait, Duration::ZERO);
+    assert_eq!(source.requests(), 2, "callers share the hanging request");
+}
+
 // === the real server against the fake ServiceTitan, on real time ===
 
 backend_tests!(
@@ -345,6 +377,8 @@ backend_tests!(
     rate_limit_returns_retry_info,
     hanging_endpoint_is_bounded,
     shared_credentials_keep_tokens_apart,
+    other_tenant_token_refused,
+    hanging_refresh_within_deadline,
     tokens_never_reach_disk,
     concurrent_registrations_finish,
 );
@@ -738,6 +772,65 @@ async fn shared_credentials_keep_tokens_apart(backend: Backend) {
     }
     assert_eq!(tokens.len(), 4);
     assert_eq!(production.token_requests(), 4);
+    server.stop().await;
+}
+
+async fn other_tenant_token_refused(backend: Backend) {
+    let (production, integration, slow, _) = fakes_with_apps().await;
+    // The app is connected to tenant 1001, and its credentials are
+    // registered, unverified, for tenant 9009.
+    let mut misplaced = slow.clone();
+    misplaced.tenant_id = 9009;
+    let server = Server::start_default(backend, &production, &integration).await;
+    let id = server
+        .register(Environment::Production, &misplaced, false)
+        .await;
+
+    let status = get_token(&server.client, &id).await.unwrap_err();
+    let again = get_token(&server.client, &id).await.unwrap_err();
+
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("issued this connection's token for another tenant"),
+        "{status:?}"
+    );
+    assert!(status.message().contains("tenant 9009"), "{status:?}");
+    assert!(!status.message().contains("1001"), "{status:?}");
+    assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+    assert_eq!(
+        production.token_requests(),
+        1,
+        "the refusal is kept for the cooldown"
+    );
+    server.stop().await;
+}
+
+async fn hanging_refresh_within_deadline(backend: Backend) {
+    let (production, integration, slow, _) = fakes_with_apps().await;
+    production.set_token_lifetime(4);
+    let server = Server::start_default(backend, &production, &integration).await;
+    let id = server.register(Environment::Production, &slow, false).await;
+    let cached = get_token(&server.client, &id).await.unwrap();
+
+    // Past half the lifetime, the cached token no longer covers the
+    // default `min_valid_for`, and ServiceTitan hangs.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    production.set_token_fault(Fault::Hang);
+    let mut request = tonic::Request::new(pb::GetAccessTokenRequest {
+        connection_id: id.clone(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let sent = std::time::Instant::now();
+    let token = server.client.clone().get_access_token(request).await;
+    let waited = sent.elapsed();
+
+    let token = token.expect("the unexpired token").into_inner();
+    assert_eq!(token.access_token, cached.access_token);
+    assert!(waited < Duration::from_secs(1), "{waited:?}");
+    assert_eq!(production.token_requests(), 2);
     server.stop().await;
 }
 

@@ -184,9 +184,18 @@ fn configuration_errors_are_reported_together() {
         "http://auth.example.com/connect/token".into(),
     );
     env.insert("STVAULT_UPSTREAM_TIMEOUT".into(), "forever".into());
+    env.insert(
+        "STVAULT_INTEGRATION_API_URL".into(),
+        "http://user:pa55word@127.0.0.1:9".into(),
+    );
     let (code, output) = run_expecting_exit(&env);
     assert_eq!(code, 78, "{output}");
     assert!(output.contains("set only one"), "{output}");
+    assert!(
+        output.contains("STVAULT_INTEGRATION_API_URL must not contain a user name or password"),
+        "{output}"
+    );
+    assert!(!output.contains("pa55word"), "{output}");
     assert!(
         output.contains("STVAULT_PRODUCTION_TOKEN_URL must use https"),
         "{output}"

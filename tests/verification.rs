@@ -35,6 +35,7 @@ backend_tests!(
     api_timeout_is_upstream_trouble,
     server_errors_are_upstream_trouble,
     rate_limits_are_reported_with_delay,
+    token_pause_shared_with_verification,
     enterprise_hub_names_tenant,
 );
 
@@ -492,6 +493,89 @@ async fn server_errors_are_upstream_trouble(backend: Backend) {
         .await
         .expect_err("the API answers 500");
     assert_eq!(error.code(), Code::Unavailable);
+}
+
+async fn token_pause_shared_with_verification(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[]).await;
+    let mut client = server.client().await;
+    let connection = client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..register_request()
+        })
+        .await
+        .expect("register without verification")
+        .into_inner();
+    let verify = pb::VerifyConnectionRequest {
+        connection_id: connection.connection_id.clone(),
+    };
+    let get_token = pb::GetAccessTokenRequest {
+        connection_id: connection.connection_id.clone(),
+        ..Default::default()
+    };
+
+    // A 429 met by VerifyConnection pauses the token requests of both paths.
+    client
+        .get_access_token(get_token.clone())
+        .await
+        .expect("a token");
+    fake.set_token_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let limited = client.verify_connection(verify.clone()).await.unwrap();
+    fake.set_token_fault(Fault::None);
+    let paused = client.verify_connection(verify.clone()).await.unwrap();
+    let requests = fake.token_requests();
+
+    assert_fails_at(
+        &limited.into_inner(),
+        "token",
+        Outcome::RateLimited,
+        &["retry the verification later"],
+    );
+    let paused = paused.into_inner();
+    assert_fails_at(
+        &paused,
+        "token",
+        Outcome::RateLimited,
+        &["retry the verification later"],
+    );
+    let message = &check(&paused, "token").message;
+    assert!(message.contains("paused"), "{message}");
+    assert_eq!(requests, 2, "the paused verification reached ServiceTitan");
+
+    // A pause that GetAccessToken met holds for VerifyConnection too.
+    fake.set_token_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let second = client
+        .register_connection(pb::RegisterConnectionRequest {
+            tenant_id: TENANT + 1,
+            skip_verification: true,
+            ..register_request()
+        })
+        .await
+        .expect("register without verification")
+        .into_inner();
+    let status = client
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: second.connection_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("rate limited");
+    fake.set_token_fault(Fault::None);
+    let report = client
+        .verify_connection(pb::VerifyConnectionRequest {
+            connection_id: second.connection_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(report.outcome, Outcome::RateLimited as i32, "{report:#?}");
+    assert_eq!(fake.token_requests(), 3);
 }
 
 async fn rate_limits_are_reported_with_delay(backend: Backend) {

@@ -441,14 +441,19 @@ impl CredentialVault for VaultService {
                 let margin = DEADLINE_MARGIN.min(deadline / 5);
                 wait = wait.min(deadline - margin);
             }
-            let issued = tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for))
-                .await
-                .map_err(|_| {
-                    Status::unavailable(
-                        "timed out waiting for ServiceTitan's token endpoint; retry later",
-                    )
-                })?
-                .map_err(to_status)?;
+            let issued =
+                match tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for)).await
+                {
+                    Ok(issued) => issued.map_err(to_status)?,
+                    // A token that has not expired is more use to the caller
+                    // than the error, as when ServiceTitan fails at once.
+                    Err(_) => self.vault.unexpired_access_token(&id).ok_or_else(|| {
+                        Status::unavailable(
+                            "timed out waiting for ServiceTitan's token endpoint, which is still \
+                         being asked; retry later",
+                        )
+                    })?,
+                };
             let credentials = &issued.slot.credentials;
             context::record_ids(
                 &credentials.connection_id,

@@ -76,6 +76,11 @@ fn token_status(error: &TokenError) -> Status {
         TokenError::InvalidResponse(reason) => Status::unavailable(format!(
             "ServiceTitan's token endpoint returned an unusable response: {reason}"
         )),
+        TokenError::OtherTenant { expected, .. } => Status::failed_precondition(format!(
+            "ServiceTitan issued this connection's token for another tenant, so its credentials \
+             are not tenant {expected}'s; run VerifyConnection, then RotateCredentials with the \
+             credentials of the app connected to tenant {expected}"
+        )),
     }
 }
 

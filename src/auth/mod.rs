@@ -348,6 +348,13 @@ impl Authenticator {
                 method: AuthMethod::BearerKey,
                 status: Status::unauthenticated(message),
             };
+            // Proxies and servers disagree on which of several copies
+            // counts, so none does.
+            if presented.metadata.get_all("authorization").iter().count() > 1 {
+                return Err(rejected(
+                    "send one authorization metadata entry; this request carried several",
+                ));
+            }
             let Some(key) = identity::bearer_key(value.as_bytes()) else {
                 return Err(rejected(
                     "authorization metadata must have the form \"Bearer <key>\"",
@@ -544,6 +551,27 @@ mod tests {
             assert_eq!(rejected.status.code(), tonic::Code::Unauthenticated);
             assert!(!rejected.status.message().contains("stvk_wrong"));
         }
+    }
+
+    #[test]
+    fn repeated_authorization_unauthenticated() {
+        let key = identity::generate_key();
+        let auth = Authenticator::enforcing("unused".into(), policy_with_key(&key));
+        let mut metadata = MetadataMap::new();
+        let valid = format!("Bearer {}", key.expose());
+        metadata.append("authorization", valid.parse().unwrap());
+        metadata.append("authorization", "Bearer stvk_other".parse().unwrap());
+
+        let result = auth.authenticate(&Presented {
+            metadata: &metadata,
+            peer_certificates: None,
+        });
+
+        let Err(rejected) = result else {
+            panic!("two authorization entries authenticated");
+        };
+        assert_eq!(rejected.status.code(), tonic::Code::Unauthenticated);
+        assert!(rejected.status.message().contains("several"));
     }
 
     #[test]

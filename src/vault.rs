@@ -112,6 +112,10 @@ pub struct IssuedAccess {
     pub slot: Arc<Slot>,
 }
 
+/// The last verification of a connection: when it finished, the credential
+/// version it checked, and its report.
+type VerifyLock = Arc<tokio::sync::Mutex<Option<(std::time::Instant, u32, Report)>>>;
+
 pub struct Vault {
     store: Store,
     broker: Arc<Broker>,
@@ -125,6 +129,9 @@ pub struct Vault {
     /// broker, so a cold burst of callers reads and decrypts the record
     /// once rather than once per caller.
     load_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per connection being verified, holding the last report, so
+    /// concurrent verifications of a connection cost ServiceTitan one.
+    verify_locks: Mutex<HashMap<String, VerifyLock>>,
     /// Health state changes, sent once each by the write that made them.
     status_events: broadcast::Sender<StatusEvent>,
     /// Set to true when the server shuts down, to end status watches.
@@ -141,6 +148,7 @@ impl Vault {
             keyring: Arc::new(keyring.into()),
             change_locks: Mutex::new(HashMap::new()),
             load_locks: Mutex::new(HashMap::new()),
+            verify_locks: Mutex::new(HashMap::new()),
             status_events: broadcast::channel(STATUS_EVENT_BUFFER).0,
             stopping: watch::channel(false).0,
             database_reachable: AtomicBool::new(true),
@@ -500,9 +508,26 @@ impl Vault {
     }
 
     /// Verifies the stored credentials and records the time of a success.
+    /// Calls that arrive while a verification of the same credentials runs
+    /// get its report.
     pub async fn verify(&self, id: &str) -> Result<Report, VaultError> {
+        let arrived = std::time::Instant::now();
+        let lock = {
+            let mut locks = self
+                .verify_locks
+                .lock()
+                .expect("lock map is never poisoned");
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.entry(id.to_owned()).or_default().clone()
+        };
+        let mut last = lock.lock().await;
         let record = self.get(id).await?;
         let credentials = self.open_current(&record)?;
+        if let Some((finished, version, report)) = &*last {
+            if *finished >= arrived && *version == credentials.version {
+                return Ok(report.clone());
+            }
+        }
         // Token requests of these credentials share one pause after a 429,
         // whichever path met it.
         let version = credentials.version;
@@ -521,6 +546,7 @@ impl Vault {
             self.broker.pause_after_rate_limit(id, version, wait);
         }
         self.record_report(id, version, &report).await?;
+        *last = Some((std::time::Instant::now(), version, report.clone()));
         Ok(report)
     }
 

@@ -315,7 +315,15 @@ async fn token_check(
         client_secret: &credentials.client_secret,
         tenant: credentials.enterprise_hub.then_some(credentials.tenant_id),
     };
-    let error = match client.request_token(&request).await {
+    let started = std::time::Instant::now();
+    let result = client.request_token(&request).await;
+    crate::metrics::record_upstream_token(
+        environment,
+        credentials.tenant_id,
+        &result,
+        started.elapsed(),
+    );
+    let error = match result {
         Ok(token) => {
             report.push(
                 "token",
@@ -342,7 +350,15 @@ async fn token_check(
                 environment: other,
                 ..request
             };
-            if client.request_token(&other_request).await.is_ok() {
+            let started = std::time::Instant::now();
+            let other_result = client.request_token(&other_request).await;
+            crate::metrics::record_upstream_token(
+                other,
+                credentials.tenant_id,
+                &other_result,
+                started.elapsed(),
+            );
+            if other_result.is_ok() {
                 report.fail(
                     "token",
                     Failure::Setup,

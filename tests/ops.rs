@@ -666,8 +666,9 @@ async fn metrics_count_rpcs_cache_and_upstream(backend: Backend) {
         r#"stvault_rpc_duration_seconds_count{method="GetAccessToken"} 2"#,
         r#"stvault_token_cache_requests_total{result="hit"} 1"#,
         r#"stvault_token_cache_requests_total{result="miss"} 1"#,
-        r#"stvault_upstream_token_requests_total{environment="integration",outcome="ok",tenant_id="1"} 1"#,
-        r#"stvault_upstream_token_duration_seconds_count{environment="integration"} 1"#,
+        // The registration's verification and the first GetAccessToken.
+        r#"stvault_upstream_token_requests_total{environment="integration",outcome="ok",tenant_id="1"} 2"#,
+        r#"stvault_upstream_token_duration_seconds_count{environment="integration"} 2"#,
         r#"stvault_connections{environment="integration",state="healthy"} 1"#,
         r#"stvault_connections{environment="integration",state="unchecked"} 1"#,
         "stvault_audit_events_written_total 5",

@@ -36,6 +36,7 @@ backend_tests!(
     server_errors_are_upstream_trouble,
     rate_limits_are_reported_with_delay,
     token_pause_shared_with_verification,
+    concurrent_verifications_share_one,
     enterprise_hub_names_tenant,
 );
 
@@ -493,6 +494,46 @@ async fn server_errors_are_upstream_trouble(backend: Backend) {
         .await
         .expect_err("the API answers 500");
     assert_eq!(error.code(), Code::Unavailable);
+}
+
+async fn concurrent_verifications_share_one(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[]).await;
+    let mut client = server.client().await;
+    let connection = client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..register_request()
+        })
+        .await
+        .expect("register without verification")
+        .into_inner();
+    fake.set_token_delay(Duration::from_millis(300));
+
+    let calls = (0..20).map(|_| {
+        let mut client = client.clone();
+        let request = pb::VerifyConnectionRequest {
+            connection_id: connection.connection_id.clone(),
+        };
+        async move { client.verify_connection(request).await }
+    });
+    let reports = futures::future::join_all(calls).await;
+    let api_requests = fake.api_requests();
+    let later = client
+        .verify_connection(pb::VerifyConnectionRequest {
+            connection_id: connection.connection_id.clone(),
+        })
+        .await;
+
+    for report in reports {
+        assert!(report.expect("a report").into_inner().ok);
+    }
+    assert!(later.expect("a report").into_inner().ok);
+    assert_eq!(
+        fake.token_requests(),
+        2,
+        "one for the 20 calls, one for the later call"
+    );
+    assert_eq!(fake.api_requests(), 2 * api_requests);
 }
 
 async fn token_pause_shared_with_verification(backend: Backend) {

@@ -527,12 +527,28 @@ async fn probe_checks(
         .all(|o| !matches!(o, ProbeOutcome::Ok | ProbeOutcome::Forbidden { .. }))
     {
         let failure = upstream.unwrap_or(Failure::Upstream);
-        report.fail(
-            "app_key",
-            failure,
-            "ServiceTitan's API did not answer the verification calls".to_owned(),
-            REMEDIATE_UPSTREAM,
-        );
+        let first_trouble = outcomes.iter().find(|o| {
+            matches!(
+                o,
+                ProbeOutcome::RateLimited { .. }
+                    | ProbeOutcome::Unavailable(_)
+                    | ProbeOutcome::Unexpected(_)
+            )
+        });
+        let message = match first_trouble {
+            Some(ProbeOutcome::RateLimited { retry_after }) => format!(
+                "ServiceTitan's API rate limited the verification calls (HTTP 429); retry after {} s",
+                retry_after.as_secs().max(1)
+            ),
+            Some(ProbeOutcome::Unavailable(reason)) => {
+                format!("ServiceTitan's API did not answer the verification calls: {reason}")
+            }
+            Some(ProbeOutcome::Unexpected(status)) => {
+                format!("ServiceTitan's API answered the verification calls with HTTP {status}")
+            }
+            _ => "ServiceTitan's API did not answer the verification calls".to_owned(),
+        };
+        report.fail("app_key", failure, message, REMEDIATE_UPSTREAM);
         report.skip_rest(&["tenant_access"], "skipped because the API is unavailable");
         return;
     }

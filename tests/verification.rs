@@ -483,6 +483,8 @@ async fn server_errors_are_upstream_trouble(backend: Backend) {
         Outcome::UpstreamUnavailable,
         &["retry the verification later"],
     );
+    let message = &check(&report, "app_key").message;
+    assert!(message.ends_with("calls: HTTP 500"), "{message}");
     client
         .delete_connection(pb::DeleteConnectionRequest {
             connection_id: listed.connections[0].connection_id.clone(),
@@ -669,6 +671,8 @@ async fn rate_limits_are_reported_with_delay(backend: Backend) {
         Outcome::RateLimited,
         &["retry the verification later"],
     );
+    let message = &check(&report, "app_key").message;
+    assert!(message.contains("(HTTP 429); retry after 7 s"), "{message}");
 }
 
 async fn enterprise_hub_names_tenant(backend: Backend) {

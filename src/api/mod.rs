@@ -265,7 +265,11 @@ impl CredentialVault for VaultService {
         self.observe(Rpc::ListConnections, request, |_, request| async move {
             let request = request.into_inner();
             let page_size = validate::page_size(request.page_size)?;
-            let after = validate::page_token(&request.page_token)?;
+            let filters = validate::ListFilters {
+                environment: request.environment,
+                tenant_id: request.tenant_id,
+            };
+            let after = validate::page_token(&request.page_token, filters)?;
             let environment = match request.environment {
                 0 => None,
                 value => Some(validate::environment("environment", value)?),
@@ -284,7 +288,7 @@ impl CredentialVault for VaultService {
                 .await
                 .map_err(|e| to_status(e.into()))?;
             let next_page_token = match (more, records.last()) {
-                (true, Some(last)) => validate::encode_page_token(&last.id),
+                (true, Some(last)) => validate::encode_page_token(&last.id, filters),
                 _ => String::new(),
             };
             Ok(Response::new(pb::ListConnectionsResponse {

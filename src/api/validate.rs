@@ -257,8 +257,17 @@ pub fn page_size(value: i32) -> Result<usize, Status> {
     }
 }
 
-/// Page tokens are the last connection id of the previous page, base64url.
-pub fn page_token(value: &str) -> Result<Option<String>, Status> {
+/// The filters of a ListConnections request, as sent: a page token is valid
+/// only with the filters of the request that returned it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ListFilters {
+    pub environment: i32,
+    pub tenant_id: i64,
+}
+
+/// Reads a page token: the last connection id of the previous page and the
+/// request's filters, base64url.
+pub fn page_token(value: &str, filters: ListFilters) -> Result<Option<String>, Status> {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     if value.is_empty() {
@@ -267,10 +276,27 @@ pub fn page_token(value: &str) -> Result<Option<String>, Status> {
     let decoded = URL_SAFE_NO_PAD
         .decode(value)
         .ok()
-        .and_then(|b| String::from_utf8(b).ok())
-        .filter(|id| uuid::Uuid::try_parse(id).is_ok());
-    match decoded {
-        Some(id) => Ok(Some(id)),
+        .and_then(|b| String::from_utf8(b).ok());
+    let parsed = decoded.as_deref().and_then(|text| {
+        let mut parts = text.split(':');
+        let id = parts
+            .next()
+            .filter(|id| uuid::Uuid::try_parse(id).is_ok())?;
+        let environment = parts.next()?.parse().ok()?;
+        let tenant_id = parts.next()?.parse().ok()?;
+        let issued_for = ListFilters {
+            environment,
+            tenant_id,
+        };
+        parts.next().is_none().then(|| (id.to_owned(), issued_for))
+    });
+    match parsed {
+        Some((id, issued_for)) if issued_for == filters => Ok(Some(id)),
+        Some(_) => Err(invalid(
+            "page_token",
+            "was returned for other environment or tenant_id filters; send the filters of the \
+             first page with it, or start again without it",
+        )),
         None => Err(invalid(
             "page_token",
             "is not a token returned by ListConnections; start again without it",
@@ -278,10 +304,13 @@ pub fn page_token(value: &str) -> Result<Option<String>, Status> {
     }
 }
 
-pub fn encode_page_token(last_id: &str) -> String {
+pub fn encode_page_token(last_id: &str, filters: ListFilters) -> String {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    URL_SAFE_NO_PAD.encode(last_id)
+    URL_SAFE_NO_PAD.encode(format!(
+        "{last_id}:{}:{}",
+        filters.environment, filters.tenant_id
+    ))
 }
 
 /// Fields that UpdateConnection can change, as named in its update mask.
@@ -316,4 +345,46 @@ pub fn update_mask(mask: Option<prost_types::FieldMask>) -> Result<Vec<String>, 
         }
     }
     Ok(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "0190d3f4-0000-7000-8000-000000000000";
+    const INTEGRATION_8450: ListFilters = ListFilters {
+        environment: 2,
+        tenant_id: 8450,
+    };
+
+    #[test]
+    fn page_token_round_trip() {
+        let token = encode_page_token(ID, INTEGRATION_8450);
+        let read = page_token(&token, INTEGRATION_8450).expect("a valid token");
+        assert_eq!(read.as_deref(), Some(ID));
+        assert_eq!(page_token("", INTEGRATION_8450).unwrap(), None);
+    }
+
+    #[test]
+    fn page_token_other_filters_rejected() {
+        let token = encode_page_token(ID, INTEGRATION_8450);
+        for filters in [
+            ListFilters {
+                environment: 0,
+                tenant_id: 8450,
+            },
+            ListFilters {
+                environment: 2,
+                tenant_id: 0,
+            },
+        ] {
+            let status = page_token(&token, filters).expect_err("other filters");
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(
+                status
+                    .message()
+                    .contains("other environment or tenant_id filters")
+            );
+        }
+    }
 }

@@ -60,8 +60,11 @@ impl TokenSource for ServiceTitanClient {
     ) -> BoxFuture<'a, Result<IssuedToken, TokenError>> {
         Box::pin(async move {
             let started = Instant::now();
-            let result =
-                ServiceTitanClient::request_token(self, &credentials.token_request()).await;
+            // Checked here, before a shared token source stores the token
+            // for other servers.
+            let result = ServiceTitanClient::request_token(self, &credentials.token_request())
+                .await
+                .and_then(|issued| for_connection_tenant(credentials, issued));
             crate::metrics::record_upstream_token(
                 credentials.environment,
                 credentials.tenant_id,
@@ -170,7 +173,7 @@ pub struct BrokerSettings {
 
 type FetchResult = Result<Arc<CachedToken>, TokenError>;
 
-/// Time after a token request is sent at which its waiters stop waiting and
+/// Time after a token request starts at which its waiters stop waiting and
 /// get the cached token, if that has not expired. An estimate: ServiceTitan
 /// usually issues a token in under a second.
 const STALE_TOKEN_PATIENCE: Duration = Duration::from_secs(2);
@@ -185,7 +188,8 @@ pub struct Slot {
 struct SlotState {
     token: Option<Arc<CachedToken>>,
     inflight: Option<watch::Receiver<Option<FetchResult>>>,
-    /// When the request in flight, or the last one, was sent.
+    /// When the request in flight, or the last one, started, its wait for a
+    /// permit or for another server's lease included.
     inflight_since: Option<Instant>,
     cooldown: Option<Cooldown>,
 }
@@ -430,14 +434,17 @@ impl Broker {
 
     /// Pauses a connection's token requests at credential `version` after a
     /// `429` met outside the broker, unless a token is already in flight.
+    /// A pause in force is only ever extended.
     pub fn pause_after_rate_limit(&self, connection_id: &str, version: u32, wait: Duration) {
         let Some(slot) = self.installed(connection_id, version) else {
             return;
         };
         let mut state = slot.state.lock().expect("slot lock is never poisoned");
-        if state.inflight.is_none() {
+        let until = Instant::now() + wait;
+        let extends = state.cooldown.as_ref().is_none_or(|c| c.until < until);
+        if state.inflight.is_none() && extends {
             state.cooldown = Some(Cooldown {
-                until: Instant::now() + wait,
+                until,
                 error: TokenError::RateLimited { retry_after: wait },
             });
         }
@@ -460,10 +467,12 @@ impl Broker {
     /// Returns a token with at least `min_valid_for` left (see
     /// `CachedToken::satisfies`), fetching one if needed.
     ///
-    /// Two cases return less. A freshly issued token is returned even when
+    /// Three cases return less. A freshly issued token is returned even when
     /// ServiceTitan granted less than `min_valid_for`, because asking again
     /// would get no more. While ServiceTitan fails, the cached token is
-    /// returned until it expires, rather than the error.
+    /// returned until it expires, rather than the error. And a request that
+    /// has run for `STALE_TOKEN_PATIENCE` releases its waiters with the
+    /// cached token, if that has not expired.
     pub async fn token(self: &Arc<Self>, slot: &Arc<Slot>, min_valid_for: Duration) -> FetchResult {
         loop {
             let mut receiver = match self.lookup(slot, min_valid_for) {
@@ -583,6 +592,7 @@ impl Broker {
         self.upstream_requests.fetch_add(1, Ordering::Relaxed);
         let requested = Instant::now();
         let requested_wall = SystemTime::now();
+        // Checked again for a token another server stored.
         let result = self
             .source
             .request_token(credentials, need)

@@ -160,8 +160,9 @@ pub struct IssuedToken {
     /// Time since ServiceTitan issued the token: zero for one just
     /// requested, more for one another replica stored.
     pub age: Duration,
-    /// Claims read from the JWT payload for diagnostics; not trusted for
-    /// authorization, since the signature is not checked.
+    /// Claims read from the JWT payload without checking its signature: for
+    /// diagnostics, and to refuse a token issued for another tenant, never
+    /// to grant anything.
     pub claims: TokenClaims,
 }
 

@@ -112,9 +112,16 @@ pub struct IssuedAccess {
     pub slot: Arc<Slot>,
 }
 
-/// The last verification of a connection: when it finished, the credential
-/// version it checked, and its report.
-type VerifyLock = Arc<tokio::sync::Mutex<Option<(std::time::Instant, u32, Report)>>>;
+/// The last verification of a connection, shared by the calls that waited
+/// for it.
+type VerifyLock = Arc<tokio::sync::Mutex<Option<LastVerification>>>;
+
+struct LastVerification {
+    finished: std::time::Instant,
+    version: u32,
+    required_scope_groups: Vec<String>,
+    report: Report,
+}
 
 pub struct Vault {
     store: Store,
@@ -523,9 +530,12 @@ impl Vault {
         let mut last = lock.lock().await;
         let record = self.get(id).await?;
         let credentials = self.open_current(&record)?;
-        if let Some((finished, version, report)) = &*last {
-            if *finished >= arrived && *version == credentials.version {
-                return Ok(report.clone());
+        if let Some(shared) = &*last {
+            if shared.finished >= arrived
+                && shared.version == credentials.version
+                && shared.required_scope_groups == record.required_scope_groups
+            {
+                return Ok(shared.report.clone());
             }
         }
         // Token requests of these credentials share one pause after a 429,
@@ -534,19 +544,25 @@ impl Vault {
         let report = match self.broker.rate_limit_left(id, version) {
             Some(left) => verify::paused_token_report(left),
             None => {
-                verify::verify(
+                let report = verify::verify(
                     self.broker.client(),
                     &credentials,
                     &record.required_scope_groups,
                 )
-                .await
+                .await;
+                if let Some(wait) = report.token_rate_limit() {
+                    self.broker.pause_after_rate_limit(id, version, wait);
+                }
+                report
             }
         };
-        if let Some(wait) = report.token_rate_limit() {
-            self.broker.pause_after_rate_limit(id, version, wait);
-        }
+        *last = Some(LastVerification {
+            finished: std::time::Instant::now(),
+            version,
+            required_scope_groups: record.required_scope_groups.clone(),
+            report: report.clone(),
+        });
         self.record_report(id, version, &report).await?;
-        *last = Some((std::time::Instant::now(), version, report.clone()));
         Ok(report)
     }
 

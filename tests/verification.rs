@@ -587,6 +587,16 @@ async fn token_pause_shared_with_verification(backend: Backend) {
     assert!(message.contains("paused"), "{message}");
     assert_eq!(requests, 2, "the paused verification reached ServiceTitan");
 
+    // Reporting the pause does not extend it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = client.verify_connection(verify.clone()).await.unwrap();
+    let wait = |report: &pb::VerificationReport| -> u64 {
+        let message = &check(report, "token").message;
+        let seconds = message.rsplit("retry after ").next().unwrap();
+        seconds.trim_end_matches(" s").parse().unwrap()
+    };
+    assert!(wait(&again.into_inner()) < wait(&paused), "{paused:#?}");
+
     // A pause that GetAccessToken met holds for VerifyConnection too.
     fake.set_token_fault(Fault::RateLimited {
         retry_after_secs: 30,

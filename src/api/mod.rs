@@ -395,7 +395,13 @@ impl CredentialVault for VaultService {
             if let Ok(record) = self.vault.get(&id).await {
                 record_connection(&record);
             }
-            let report = self.vault.verify(&id).await.map_err(to_status)?;
+            // Callers that arrive meanwhile share this verification, so it
+            // runs to the end even if this caller leaves.
+            let vault = self.vault.clone();
+            let verified_id = id.clone();
+            let report =
+                detached(async move { vault.verify(&verified_id).await.map_err(to_status) })
+                    .await?;
             Ok(Response::new(convert::report(&id, &report)))
         })
         .await

@@ -78,8 +78,8 @@ fn token_status(error: &TokenError) -> Status {
         )),
         TokenError::OtherTenant { expected, .. } => Status::failed_precondition(format!(
             "ServiceTitan issued this connection's token for another tenant, so its credentials \
-             are not tenant {expected}'s; run VerifyConnection, then RotateCredentials with the \
-             credentials of the app connected to tenant {expected}"
+             are not tenant {expected}'s; run VerifyConnection, then register the credentials \
+             under their own tenant, or RotateCredentials with those of tenant {expected}"
         )),
     }
 }

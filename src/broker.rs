@@ -346,6 +346,12 @@ impl Broker {
         &self.client
     }
 
+    /// Returns how long a failed token request's error is returned from
+    /// memory.
+    pub fn failure_cooldown(&self) -> Duration {
+        self.settings.failure_cooldown
+    }
+
     /// Returns the number of token requests this broker has sent.
     pub fn upstream_requests(&self) -> u64 {
         self.upstream_requests.load(Ordering::Relaxed)

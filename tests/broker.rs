@@ -625,6 +625,8 @@ async fn failed_request_reaches_waiters_then_retries(backend: Backend) {
     let status = get_token(&server.client, &id).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(production.token_requests(), 1);
+    let retry = status.get_details_retry_info().expect("RetryInfo detail");
+    assert_eq!(retry.retry_delay, Some(cooldown));
 
     tokio::time::sleep(cooldown).await;
     get_token(&server.client, &id).await.unwrap();

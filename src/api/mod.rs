@@ -454,7 +454,9 @@ impl CredentialVault for VaultService {
             let issued =
                 match tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for)).await
                 {
-                    Ok(issued) => issued.map_err(to_status)?,
+                    Ok(issued) => issued.map_err(|error| {
+                        status::access_token_status(error, self.vault.broker().failure_cooldown())
+                    })?,
                     // A token that has not expired is more use to the caller
                     // than the error, as when ServiceTitan fails at once.
                     Err(_) => self.vault.unexpired_access_token(&id).ok_or_else(|| {

@@ -84,6 +84,22 @@ fn token_status(error: &TokenError) -> Status {
     }
 }
 
+/// Maps a failed GetAccessToken. ServiceTitan's own failures carry the
+/// failure cooldown as RetryInfo, since calls before it ends get the same
+/// error from memory.
+pub fn access_token_status(error: VaultError, cooldown: Duration) -> Status {
+    let from_memory = matches!(
+        error,
+        VaultError::Token(TokenError::Unavailable(_) | TokenError::InvalidResponse(_))
+    );
+    let status = to_status(error);
+    if !from_memory {
+        return status;
+    }
+    let details = ErrorDetails::with_retry_info(Some(cooldown));
+    Status::with_error_details(status.code(), status.message(), details)
+}
+
 fn rate_limited(message: String, retry_after: Duration) -> Status {
     let details = ErrorDetails::with_retry_info(Some(retry_after));
     Status::with_error_details(Code::ResourceExhausted, message, details)

@@ -7,7 +7,7 @@
 //! No lock is held across an upstream call, and tokens live in memory only.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -173,6 +173,10 @@ pub struct BrokerSettings {
 
 type FetchResult = Result<Arc<CachedToken>, TokenError>;
 
+/// Token lifetimes below this are logged once per connection and credential
+/// version. ServiceTitan documents 900 s.
+const SHORT_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Time after a token request starts at which its waiters stop waiting and
 /// get the cached token, if that has not expired. An estimate: ServiceTitan
 /// usually issues a token in under a second.
@@ -182,6 +186,8 @@ const STALE_TOKEN_PATIENCE: Duration = Duration::from_secs(2);
 pub struct Slot {
     pub credentials: Credentials,
     state: Mutex<SlotState>,
+    /// Set once a short token lifetime has been logged for this entry.
+    short_lifetime_logged: AtomicBool,
 }
 
 #[derive(Default)]
@@ -396,6 +402,7 @@ impl Broker {
         let slot = Arc::new(Slot {
             credentials,
             state: Mutex::new(SlotState::default()),
+            short_lifetime_logged: AtomicBool::new(false),
         });
         entry.slot = Some(slot.clone());
         Some(slot)
@@ -633,6 +640,18 @@ impl Broker {
     /// failure starts the cooldown. Either way the request is no longer in
     /// flight, so the first call after the cooldown tries again.
     fn record(&self, slot: &Slot, result: &FetchResult) {
+        if let Ok(token) = result {
+            if token.lifetime < SHORT_LIFETIME
+                && !slot.short_lifetime_logged.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    connection.id = %slot.credentials.connection_id,
+                    lifetime_s = token.lifetime.as_secs(),
+                    "ServiceTitan issued a token valid for less than a minute, so this \
+                     connection needs a new token about that often (ServiceTitan documents 900 s)"
+                );
+            }
+        }
         let mut state = slot.state.lock().expect("slot lock is never poisoned");
         state.inflight = None;
         match result {

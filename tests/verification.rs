@@ -37,6 +37,7 @@ backend_tests!(
     rate_limits_are_reported_with_delay,
     token_pause_shared_with_verification,
     concurrent_verifications_share_one,
+    short_token_lifetime_logged,
     enterprise_hub_names_tenant,
 );
 
@@ -496,6 +497,39 @@ async fn server_errors_are_upstream_trouble(backend: Backend) {
         .await
         .expect_err("the API answers 500");
     assert_eq!(error.code(), Code::Unavailable);
+}
+
+async fn short_token_lifetime_logged(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[]).await;
+    fake.set_token_lifetime(30);
+    let mut client = server.client().await;
+    let connection = client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..register_request()
+        })
+        .await
+        .expect("register without verification")
+        .into_inner();
+    let request = pb::GetAccessTokenRequest {
+        connection_id: connection.connection_id.clone(),
+        ..Default::default()
+    };
+
+    client
+        .get_access_token(request.clone())
+        .await
+        .expect("a token");
+    client.get_access_token(request).await.expect("a token");
+
+    let logs = server.logs();
+    let warnings = logs
+        .lines()
+        .filter(|line| line.contains("token valid for less than a minute"))
+        .collect::<Vec<_>>();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(warnings[0].contains(&connection.connection_id), "{logs}");
+    assert!(warnings[0].contains("lifetime_s=30"), "{logs}");
 }
 
 async fn concurrent_verifications_share_one(backend: Backend) {

@@ -528,6 +528,8 @@ impl Vault {
             locks.entry(id.to_owned()).or_default().clone()
         };
         let mut last = lock.lock().await;
+        // Taken before the read, as `Broker::install` requires.
+        let epoch = self.broker.slot(id).err();
         let record = self.get(id).await?;
         let credentials = self.open_current(&record)?;
         if let Some(shared) = &*last {
@@ -551,6 +553,11 @@ impl Vault {
                 )
                 .await;
                 if let Some(wait) = report.token_rate_limit() {
+                    // A server that has served no token for the connection
+                    // keeps the pause too.
+                    if let Some(epoch) = epoch {
+                        self.broker.install(epoch, credentials);
+                    }
                     self.broker.pause_after_rate_limit(id, version, wait);
                 }
                 report

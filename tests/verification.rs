@@ -663,6 +663,40 @@ async fn token_pause_shared_with_verification(backend: Backend) {
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert_eq!(report.outcome, Outcome::RateLimited as i32, "{report:#?}");
     assert_eq!(fake.token_requests(), 3);
+
+    // A 429 met by the first VerifyConnection of a connection no caller has
+    // used yet pauses its token requests as well.
+    let third = client
+        .register_connection(pb::RegisterConnectionRequest {
+            tenant_id: TENANT + 2,
+            skip_verification: true,
+            ..register_request()
+        })
+        .await
+        .expect("register without verification")
+        .into_inner();
+    fake.set_token_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let report = client
+        .verify_connection(pb::VerifyConnectionRequest {
+            connection_id: third.connection_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    fake.set_token_fault(Fault::None);
+    let status = client
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: third.connection_id,
+            ..Default::default()
+        })
+        .await
+        .expect_err("paused");
+
+    assert_eq!(report.outcome, Outcome::RateLimited as i32, "{report:#?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.token_requests(), 4);
 }
 
 async fn rate_limits_are_reported_with_delay(backend: Backend) {

@@ -682,14 +682,10 @@ fn for_connection_tenant(
     issued: IssuedToken,
 ) -> Result<IssuedToken, TokenError> {
     let expected = credentials.tenant_id;
-    match &issued.claims.tenant {
-        Some(claimed) if *claimed != expected.to_string() => Err(TokenError::OtherTenant {
+    match issued.claims.names_tenant(expected) {
+        Some(false) => Err(TokenError::OtherTenant {
             expected,
-            claimed: claimed
-                .chars()
-                .filter(char::is_ascii_digit)
-                .take(20)
-                .collect(),
+            claimed: issued.claims.shown_tenant(),
         }),
         _ => Ok(issued),
     }

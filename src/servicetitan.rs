@@ -172,6 +172,32 @@ pub struct TokenClaims {
     pub scopes: Vec<String>,
 }
 
+impl TokenClaims {
+    /// Returns whether the `tenant` claim names `tenant_id`, or `None` when
+    /// the token has no such claim.
+    pub fn names_tenant(&self, tenant_id: i64) -> Option<bool> {
+        let claim = self.tenant.as_ref()?;
+        Some(claim.parse::<i64>() == Ok(tenant_id))
+    }
+
+    /// Returns the `tenant` claim for a message: at most 40 of its digits,
+    /// signs, points and commas.
+    pub fn shown_tenant(&self) -> String {
+        let kept: String = self
+            .tenant
+            .iter()
+            .flat_map(|claim| claim.chars())
+            .filter(|c| c.is_ascii_digit() || matches!(c, '-' | '.' | ','))
+            .take(40)
+            .collect();
+        if kept.is_empty() {
+            "(unreadable)".to_owned()
+        } else {
+            kept
+        }
+    }
+}
+
 /// The credentials of one token request.
 pub struct TokenRequest<'a> {
     pub environment: Environment,
@@ -350,8 +376,9 @@ fn retry_after_header(response: &reqwest::Response) -> Option<Duration> {
 /// 9110 allows both), as the wait from `now`.
 fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still a wait, and the cap applies.
+        return Some(Duration::from_secs(value.parse().unwrap_or(u64::MAX)));
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
@@ -492,10 +519,19 @@ pub fn decode_claims(token: &str) -> TokenClaims {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return TokenClaims::default();
     };
+    // Anything but a string or a number, or a list of exactly one, is kept
+    // in a form that names no tenant, so a check against it fails.
+    let scalar = |value: &serde_json::Value| match value {
+        serde_json::Value::String(s) => s.trim().to_owned(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => "?".to_owned(),
+    };
     let tenant = match value.get("tenant") {
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
-        _ => None,
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Array(items)) => {
+            Some(items.iter().map(scalar).collect::<Vec<_>>().join(","))
+        }
+        Some(other) => Some(scalar(other)),
     };
     let scopes = match value.get("scope") {
         Some(serde_json::Value::Array(items)) => items
@@ -635,6 +671,10 @@ mod tests {
         let wait = |value| parse_retry_after(value, now);
         assert_eq!(wait(" 30 "), Some(Duration::from_secs(30)));
         assert_eq!(
+            wait("18446744073709551617"),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(
             wait("Sat, 05 Dec 2026 02:00:20 GMT"),
             Some(Duration::from_secs(20))
         );
@@ -664,5 +704,37 @@ mod tests {
             vec!["tn.crm.customers:r", "tn.pb.categories:r"]
         );
         assert!(decode_claims("opaque").tenant.is_none());
+    }
+
+    #[test]
+    fn tenant_claim_forms() {
+        let claims =
+            |json: &str| decode_claims(&format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(json)));
+        let cases = [
+            (r#"{"tenant":"8450"}"#, Some(true)),
+            (r#"{"tenant":" 8450 "}"#, Some(true)),
+            (r#"{"tenant":"08450"}"#, Some(true)),
+            (r#"{"tenant":8450}"#, Some(true)),
+            (r#"{"tenant":["8450"]}"#, Some(true)),
+            (r#"{"tenant":"1001"}"#, Some(false)),
+            (r#"{"tenant":["1001"]}"#, Some(false)),
+            (r#"{"tenant":["8450","1001"]}"#, Some(false)),
+            (r#"{"tenant":8450.5}"#, Some(false)),
+            (r#"{"tenant":{"id":8450}}"#, Some(false)),
+            (r#"{"tenant":true}"#, Some(false)),
+            (r#"{"tenant":null}"#, None),
+            (r#"{}"#, None),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(claims(json).names_tenant(8450), expected, "{json}");
+        }
+        assert_eq!(
+            claims(r#"{"tenant":["8450","1001"]}"#).shown_tenant(),
+            "8450,1001"
+        );
+        assert_eq!(
+            claims(r#"{"tenant":{"id":1}}"#).shown_tenant(),
+            "(unreadable)"
+        );
     }
 }

@@ -439,35 +439,29 @@ async fn token_check(
 }
 
 fn tenant_check(credentials: &Credentials, token: &IssuedToken, report: &mut ReportBuilder) {
-    let expected = credentials.tenant_id.to_string();
-    match &token.claims.tenant {
+    let expected = credentials.tenant_id;
+    match token.claims.names_tenant(expected) {
         None => report.push(
             "tenant",
             CheckStatus::Skipped,
             "the token carries no tenant claim".to_owned(),
             "",
         ),
-        Some(tenant) if *tenant == expected => report.push(
+        Some(true) => report.push(
             "tenant",
             CheckStatus::Passed,
             format!("the token was issued for tenant {expected}"),
             "",
         ),
-        Some(tenant) => {
-            let shown: String = tenant
-                .chars()
-                .filter(char::is_ascii_digit)
-                .take(20)
-                .collect();
-            report.fail(
-                "tenant",
-                Failure::Setup,
-                format!(
-                    "the token was issued for tenant {shown}, but the connection is registered for tenant {expected}"
-                ),
-                REMEDIATE_TENANT_ID,
-            );
-        }
+        Some(false) => report.fail(
+            "tenant",
+            Failure::Setup,
+            format!(
+                "the token was issued for tenant {}, but the connection is registered for tenant {expected}",
+                token.claims.shown_tenant()
+            ),
+            REMEDIATE_TENANT_ID,
+        ),
     }
 }
 

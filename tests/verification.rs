@@ -727,22 +727,24 @@ async fn rate_limits_are_reported_with_delay(backend: Backend) {
     let retry = details.retry_info().expect("RetryInfo detail");
     assert_eq!(retry.retry_delay, Some(Duration::from_secs(30)));
 
-    fake.set_token_fault(Fault::None);
-    fake.set_api_fault(Fault::RateLimited {
-        retry_after_secs: 7,
-    });
+    // The connection's token requests are paused for 30 s now, so a new
+    // connection in its place meets the API's limit.
     let listed = client
         .list_connections(pb::ListConnectionsRequest::default())
         .await
         .unwrap()
         .into_inner();
-    let report = client
-        .verify_connection(pb::VerifyConnectionRequest {
+    client
+        .delete_connection(pb::DeleteConnectionRequest {
             connection_id: listed.connections[0].connection_id.clone(),
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    fake.set_token_fault(Fault::None);
+    fake.set_api_fault(Fault::RateLimited {
+        retry_after_secs: 7,
+    });
+    let report = verify_unverified(&server, register_request()).await;
     assert_fails_at(
         &report,
         "app_key",

@@ -673,10 +673,10 @@ impl Broker {
     }
 }
 
-/// Refuses a token whose `tenant` claim names another tenant: a caller
-/// allowed only the connection's tenant must not receive it. The claim is
-/// unsigned, so it can only make the broker refuse a token, never accept
-/// one, and a token without it is accepted.
+/// Rejects a token whose `tenant` claim does not name the connection's
+/// tenant, because a caller allowed only that tenant must not receive it.
+/// The claim is unsigned, so it can only make the broker reject a token,
+/// never accept one. A token without the claim is accepted.
 fn for_connection_tenant(
     credentials: &Credentials,
     issued: IssuedToken,

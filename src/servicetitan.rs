@@ -160,9 +160,9 @@ pub struct IssuedToken {
     /// Time since ServiceTitan issued the token: zero for one just
     /// requested, more for one another replica stored.
     pub age: Duration,
-    /// Claims read from the JWT payload without checking its signature: for
-    /// diagnostics, and to refuse a token issued for another tenant, never
-    /// to grant anything.
+    /// Claims read from the JWT payload without checking its signature. They
+    /// serve diagnostics and the rejection of a token issued for another
+    /// tenant, never to grant anything.
     pub claims: TokenClaims,
 }
 
@@ -183,17 +183,17 @@ impl TokenClaims {
     /// Returns the `tenant` claim for a message: at most 40 of its digits,
     /// signs, points and commas.
     pub fn shown_tenant(&self) -> String {
-        let kept: String = self
+        let printable: String = self
             .tenant
             .iter()
             .flat_map(|claim| claim.chars())
             .filter(|c| c.is_ascii_digit() || matches!(c, '-' | '.' | ','))
             .take(40)
             .collect();
-        if kept.is_empty() {
+        if printable.is_empty() {
             "(unreadable)".to_owned()
         } else {
-            kept
+            printable
         }
     }
 }
@@ -519,8 +519,8 @@ pub fn decode_claims(token: &str) -> TokenClaims {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return TokenClaims::default();
     };
-    // Anything but a string or a number, or a list of exactly one, is kept
-    // in a form that names no tenant, so a check against it fails.
+    // A value other than a string, a number or a list of exactly one of
+    // them reads as no tenant id, so the tenant check fails for it.
     let scalar = |value: &serde_json::Value| match value {
         serde_json::Value::String(s) => s.trim().to_owned(),
         serde_json::Value::Number(n) => n.to_string(),

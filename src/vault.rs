@@ -112,6 +112,17 @@ pub struct IssuedAccess {
     pub slot: Arc<Slot>,
 }
 
+/// Returns the lock of `id` in `locks`, first dropping the locks no caller
+/// holds, so the map stays as small as the work in progress.
+fn lock_for<T: Default>(
+    locks: &Mutex<HashMap<String, Arc<tokio::sync::Mutex<T>>>>,
+    id: &str,
+) -> Arc<tokio::sync::Mutex<T>> {
+    let mut locks = locks.lock().expect("lock map is never poisoned");
+    locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+    locks.entry(id.to_owned()).or_default().clone()
+}
+
 /// The last verification of a connection, shared by the calls that waited
 /// for it.
 type VerifyLock = Arc<tokio::sync::Mutex<Option<LastVerification>>>;
@@ -353,12 +364,7 @@ impl Vault {
     }
 
     fn change_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
-            .change_locks
-            .lock()
-            .expect("lock map is never poisoned");
-        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-        locks.entry(id.to_owned()).or_default().clone()
+        lock_for(&self.change_locks, id)
     }
 
     /// Rotates credentials: stores them as a pending version, verifies them,
@@ -519,14 +525,7 @@ impl Vault {
     /// get its report.
     pub async fn verify(&self, id: &str) -> Result<Report, VaultError> {
         let arrived = std::time::Instant::now();
-        let lock = {
-            let mut locks = self
-                .verify_locks
-                .lock()
-                .expect("lock map is never poisoned");
-            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
-            locks.entry(id.to_owned()).or_default().clone()
-        };
+        let lock = lock_for(&self.verify_locks, id);
         let mut last = lock.lock().await;
         // Taken before the read, as `Broker::install` requires.
         let epoch = self.broker.slot(id).err();

@@ -303,6 +303,24 @@ impl ReportBuilder {
     }
 }
 
+/// Requests a token and records the request in the upstream metrics, as the
+/// broker records its own.
+async fn counted_token_request(
+    client: &ServiceTitanClient,
+    request: &crate::servicetitan::TokenRequest<'_>,
+    tenant_id: i64,
+) -> Result<IssuedToken, TokenError> {
+    let started = std::time::Instant::now();
+    let result = client.request_token(request).await;
+    crate::metrics::record_upstream_token(
+        request.environment,
+        tenant_id,
+        &result,
+        started.elapsed(),
+    );
+    result
+}
+
 async fn token_check(
     client: &ServiceTitanClient,
     credentials: &Credentials,
@@ -315,15 +333,7 @@ async fn token_check(
         client_secret: &credentials.client_secret,
         tenant: credentials.enterprise_hub.then_some(credentials.tenant_id),
     };
-    let started = std::time::Instant::now();
-    let result = client.request_token(&request).await;
-    crate::metrics::record_upstream_token(
-        environment,
-        credentials.tenant_id,
-        &result,
-        started.elapsed(),
-    );
-    let error = match result {
+    let error = match counted_token_request(client, &request, credentials.tenant_id).await {
         Ok(token) => {
             report.push(
                 "token",
@@ -350,14 +360,8 @@ async fn token_check(
                 environment: other,
                 ..request
             };
-            let started = std::time::Instant::now();
-            let other_result = client.request_token(&other_request).await;
-            crate::metrics::record_upstream_token(
-                other,
-                credentials.tenant_id,
-                &other_result,
-                started.elapsed(),
-            );
+            let other_result =
+                counted_token_request(client, &other_request, credentials.tenant_id).await;
             if other_result.is_ok() {
                 report.fail(
                     "token",
@@ -521,7 +525,7 @@ async fn probe_checks(
         .all(|o| !matches!(o, ProbeOutcome::Ok | ProbeOutcome::Forbidden { .. }))
     {
         let failure = upstream.unwrap_or(Failure::Upstream);
-        let first_trouble = outcomes.iter().find(|o| {
+        let first_problem = outcomes.iter().find(|o| {
             matches!(
                 o,
                 ProbeOutcome::RateLimited { .. }
@@ -529,7 +533,7 @@ async fn probe_checks(
                     | ProbeOutcome::Unexpected(_)
             )
         });
-        let message = match first_trouble {
+        let message = match first_problem {
             Some(ProbeOutcome::RateLimited { retry_after }) => format!(
                 "ServiceTitan's API rate limited the verification calls (HTTP 429); retry after {} s",
                 retry_after.as_secs().max(1)

@@ -377,7 +377,7 @@ backend_tests!(
     rate_limit_returns_retry_info,
     hanging_endpoint_is_bounded,
     shared_credentials_keep_tokens_apart,
-    other_tenant_token_refused,
+    other_tenant_token_rejected,
     hanging_refresh_within_deadline,
     tokens_never_reach_disk,
     concurrent_registrations_finish,
@@ -777,7 +777,7 @@ async fn shared_credentials_keep_tokens_apart(backend: Backend) {
     server.stop().await;
 }
 
-async fn other_tenant_token_refused(backend: Backend) {
+async fn other_tenant_token_rejected(backend: Backend) {
     let (production, integration, slow, _) = fakes_with_apps().await;
     // The app is connected to tenant 1001, and its credentials are
     // registered, unverified, for tenant 9009.

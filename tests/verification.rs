@@ -7,12 +7,14 @@ mod support;
 use std::time::Duration;
 
 use stvault::pb;
+use stvault::pb::credential_vault_client::CredentialVaultClient;
 use stvault::pb::verification_check::Status as CheckStatus;
 use stvault::pb::verification_report::Outcome;
 use support::backend::Backend;
 use support::fake_servicetitan::{ALL_PROBE_SCOPES, FakeApp, FakeServiceTitan, Fault};
 use support::server::Server;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 const CLIENT_ID: &str = "cid.verify";
@@ -87,20 +89,28 @@ async fn start(
     (fake, server)
 }
 
-/// Registers without verification, then returns VerifyConnection's report.
-async fn verify_unverified(
-    server: &Server,
+/// Registers `request` without verification.
+async fn register_unverified(
+    client: &mut CredentialVaultClient<Channel>,
     request: pb::RegisterConnectionRequest,
-) -> pb::VerificationReport {
-    let mut client = server.client().await;
-    let connection = client
+) -> pb::Connection {
+    client
         .register_connection(pb::RegisterConnectionRequest {
             skip_verification: true,
             ..request
         })
         .await
         .expect("register without verification")
-        .into_inner();
+        .into_inner()
+}
+
+/// Registers without verification, then returns VerifyConnection's report.
+async fn verify_unverified(
+    server: &Server,
+    request: pb::RegisterConnectionRequest,
+) -> pb::VerificationReport {
+    let mut client = server.client().await;
+    let connection = register_unverified(&mut client, request).await;
     client
         .verify_connection(pb::VerifyConnectionRequest {
             connection_id: connection.connection_id,
@@ -503,14 +513,7 @@ async fn short_token_lifetime_logged(backend: Backend) {
     let (fake, server) = start(backend, app(), &[]).await;
     fake.set_token_lifetime(30);
     let mut client = server.client().await;
-    let connection = client
-        .register_connection(pb::RegisterConnectionRequest {
-            skip_verification: true,
-            ..register_request()
-        })
-        .await
-        .expect("register without verification")
-        .into_inner();
+    let connection = register_unverified(&mut client, register_request()).await;
     let request = pb::GetAccessTokenRequest {
         connection_id: connection.connection_id.clone(),
         ..Default::default()
@@ -535,14 +538,7 @@ async fn short_token_lifetime_logged(backend: Backend) {
 async fn concurrent_verifications_share_one(backend: Backend) {
     let (fake, server) = start(backend, app(), &[]).await;
     let mut client = server.client().await;
-    let connection = client
-        .register_connection(pb::RegisterConnectionRequest {
-            skip_verification: true,
-            ..register_request()
-        })
-        .await
-        .expect("register without verification")
-        .into_inner();
+    let connection = register_unverified(&mut client, register_request()).await;
     fake.set_token_delay(Duration::from_millis(300));
 
     let calls = (0..20).map(|_| {
@@ -575,14 +571,7 @@ async fn concurrent_verifications_share_one(backend: Backend) {
 async fn token_pause_shared_with_verification(backend: Backend) {
     let (fake, server) = start(backend, app(), &[]).await;
     let mut client = server.client().await;
-    let connection = client
-        .register_connection(pb::RegisterConnectionRequest {
-            skip_verification: true,
-            ..register_request()
-        })
-        .await
-        .expect("register without verification")
-        .into_inner();
+    let connection = register_unverified(&mut client, register_request()).await;
     let verify = pb::VerifyConnectionRequest {
         connection_id: connection.connection_id.clone(),
     };
@@ -635,15 +624,14 @@ async fn token_pause_shared_with_verification(backend: Backend) {
     fake.set_token_fault(Fault::RateLimited {
         retry_after_secs: 30,
     });
-    let second = client
-        .register_connection(pb::RegisterConnectionRequest {
+    let second = register_unverified(
+        &mut client,
+        pb::RegisterConnectionRequest {
             tenant_id: TENANT + 1,
-            skip_verification: true,
             ..register_request()
-        })
-        .await
-        .expect("register without verification")
-        .into_inner();
+        },
+    )
+    .await;
     let status = client
         .get_access_token(pb::GetAccessTokenRequest {
             connection_id: second.connection_id.clone(),
@@ -666,15 +654,14 @@ async fn token_pause_shared_with_verification(backend: Backend) {
 
     // A 429 met by the first VerifyConnection of a connection no caller has
     // used yet pauses its token requests as well.
-    let third = client
-        .register_connection(pb::RegisterConnectionRequest {
+    let third = register_unverified(
+        &mut client,
+        pb::RegisterConnectionRequest {
             tenant_id: TENANT + 2,
-            skip_verification: true,
             ..register_request()
-        })
-        .await
-        .expect("register without verification")
-        .into_inner();
+        },
+    )
+    .await;
     fake.set_token_fault(Fault::RateLimited {
         retry_after_secs: 30,
     });

@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use stvault::pb;
+use stvault::pb::credential_vault_client::CredentialVaultClient as VaultClient;
 use support::backend::Backend;
 use support::fake_servicetitan::{FakeApp, FakeServiceTitan, Fault};
 use support::server::Server;
 use tonic::Code;
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 const CLIENT_ID: &str = "cid.errors";
@@ -25,6 +27,7 @@ backend_tests!(
     rate_limiting_is_resource_exhausted,
     upstream_failures_are_unavailable_and_not_cached,
     hanging_upstream_is_bounded,
+    failed_token_calls_are_logged_with_their_ids,
 );
 
 async fn fake_with_app() -> FakeServiceTitan {
@@ -46,6 +49,31 @@ async fn server(backend: Backend, fake: &FakeServiceTitan) -> Server {
         ],
     )
     .await
+}
+
+/// Starts a fake with the app and a server, and registers the app without
+/// verification.
+async fn registered_unverified(
+    backend: Backend,
+) -> (FakeServiceTitan, Server, VaultClient<Channel>, String) {
+    let fake = fake_with_app().await;
+    let server = server(backend, &fake).await;
+    let mut client = server.client().await;
+    let id = register_unverified(&mut client).await;
+    (fake, server, client, id)
+}
+
+/// Registers the fake's app without verification and returns the id.
+async fn register_unverified(client: &mut VaultClient<Channel>) -> String {
+    client
+        .register_connection(pb::RegisterConnectionRequest {
+            skip_verification: true,
+            ..register()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .connection_id
 }
 
 fn register() -> pb::RegisterConnectionRequest {
@@ -412,18 +440,7 @@ async fn rejected_credentials_fail_precondition(backend: Backend) {
 }
 
 async fn rate_limiting_is_resource_exhausted(backend: Backend) {
-    let fake = fake_with_app().await;
-    let server = server(backend, &fake).await;
-    let mut client = server.client().await;
-    let id = client
-        .register_connection(pb::RegisterConnectionRequest {
-            skip_verification: true,
-            ..register()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection_id;
+    let (fake, _server, mut client, id) = registered_unverified(backend).await;
 
     fake.set_token_fault(Fault::RateLimited {
         retry_after_secs: 30,
@@ -460,18 +477,7 @@ async fn rate_limiting_is_resource_exhausted(backend: Backend) {
 }
 
 async fn upstream_failures_are_unavailable_and_not_cached(backend: Backend) {
-    let fake = fake_with_app().await;
-    let server = server(backend, &fake).await;
-    let mut client = server.client().await;
-    let id = client
-        .register_connection(pb::RegisterConnectionRequest {
-            skip_verification: true,
-            ..register()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection_id;
+    let (fake, server, mut client, id) = registered_unverified(backend).await;
 
     let faults = [
         (Fault::Status(500), "HTTP 500"),
@@ -522,6 +528,43 @@ async fn upstream_failures_are_unavailable_and_not_cached(backend: Backend) {
     assert!(!logs.contains("<html"), "an upstream body reached the log");
 }
 
+/// At the default level a successful GetAccessToken logs nothing, and its
+/// span is only built for a line that is written; a failed one logs one line
+/// with the same fields as any other call, each once.
+async fn failed_token_calls_are_logged_with_their_ids(backend: Backend) {
+    let (fake, server, mut client, id) = registered_unverified(backend).await;
+    fake.set_token_fault(Fault::Status(503));
+    let failed = client.get_access_token(by_id(&id)).await;
+    let failed_id = support::server::request_id(&failed);
+    assert_eq!(failed.unwrap_err().code(), Code::Unavailable);
+    fake.set_token_fault(Fault::None);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let served = client.get_access_token(by_id(&id)).await;
+    let served_id = support::server::request_id(&served);
+    served.expect("a token after the cooldown");
+
+    let logs = server.logs();
+    assert!(
+        !logs.contains(&served_id),
+        "a served token was logged: {logs}"
+    );
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains(&failed_id) && line.contains("rpc finished"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    let line = lines[0];
+    for field in [
+        "rpc.method=\"GetAccessToken\"".to_owned(),
+        format!("request.id=\"{failed_id}\""),
+        "caller=\"anonymous\"".to_owned(),
+        format!("connection.id=\"{id}\""),
+        "code=Unavailable".to_owned(),
+    ] {
+        assert_eq!(line.matches(&field).count(), 1, "{field} in {line}");
+    }
+}
+
 async fn hanging_upstream_is_bounded(backend: Backend) {
     let fake = fake_with_app().await;
     let other = FakeServiceTitan::start().await;
@@ -538,15 +581,7 @@ async fn hanging_upstream_is_bounded(backend: Backend) {
     )
     .await;
     let mut client = server.client().await;
-    let id = client
-        .register_connection(pb::RegisterConnectionRequest {
-            skip_verification: true,
-            ..register()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .connection_id;
+    let id = register_unverified(&mut client).await;
     let other_id = client
         .register_connection(pb::RegisterConnectionRequest {
             environment: pb::Environment::Integration as i32,

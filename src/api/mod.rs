@@ -62,20 +62,17 @@ impl VaultService {
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let call = CallInfo::new(rpc, &request);
-        let span = tracing::info_span!(
-            "rpc",
-            rpc.method = rpc.as_str(),
-            request.id = call.request_id.as_str(),
-            caller = tracing::field::Empty,
-            connection.id = tracing::field::Empty,
-            tenant.id = tracing::field::Empty,
-            credential.version = tracing::field::Empty,
-        );
         // A tenant the request names is already in the audit subject, so
         // `context::record_ids` does not record it again.
-        if let Some(tenant_id) = call.named.tenant_id {
-            span.record("tenant.id", tenant_id);
-        }
+        let named = Subject {
+            tenant_id: call.named.tenant_id,
+            ..Subject::default()
+        };
+        let mut span = if eager_span(rpc) {
+            call_span(&call, None, &named)
+        } else {
+            tracing::Span::none()
+        };
         let started = Instant::now();
         let authenticated = self.auth.authenticate(&Presented {
             metadata: request.metadata(),
@@ -104,8 +101,14 @@ impl VaultService {
             .lock()
             .expect("the subject lock is never poisoned")
             .clone();
-        let event = call.event(caller.as_ref(), method, recorded, code);
-        if let Err(error) = self.audit.append(event).await {
+        let event = call.event(caller.as_ref(), method, recorded.clone(), code);
+        let appended = self.audit.append(event).await;
+        if span.is_none() && (result.is_err() || appended.is_err()) {
+            // Created now with everything the call recorded, for the lines
+            // below.
+            span = call_span(&call, caller.as_ref(), &recorded);
+        }
+        if let Err(error) = appended {
             span.in_scope(|| {
                 tracing::error!(%error, code = ?code, "cannot write the audit event; failing the call")
             });
@@ -135,8 +138,12 @@ impl VaultService {
                 "rpc finished"
             ),
         });
-        let request_id = MetadataValue::try_from(call.request_id.as_str())
+        let mut request_id = MetadataValue::try_from(call.request_id.as_str())
             .expect("request ids are printable ASCII");
+        // Sent as never indexed: each id is new, so entering it in the
+        // HTTP/2 header table would only push out the headers that do
+        // repeat, on both ends of the connection.
+        request_id.set_sensitive(true);
         match &mut result {
             Ok(response) => {
                 response
@@ -151,6 +158,31 @@ impl VaultService {
         }
         result
     }
+}
+
+/// Whether a call's span is created before its handler runs, so that lines
+/// logged during the call carry its fields. The log formatter formats each
+/// field into the span as it is recorded, whether or not a line is ever
+/// written: about 2.5 µs of a warm GetAccessToken's 23 µs. A successful
+/// GetAccessToken logs nothing below `debug`, so unless `debug` is on, its
+/// span is only created for a failure, once every field is known. Lines the
+/// broker logs meanwhile name the connection themselves.
+fn eager_span(rpc: Rpc) -> bool {
+    rpc != Rpc::GetAccessToken || tracing::enabled!(tracing::Level::DEBUG)
+}
+
+/// Creates the span of one call with the fields known so far; the others
+/// are recorded as they become known.
+fn call_span(call: &CallInfo, caller: Option<&Caller>, subject: &Subject) -> tracing::Span {
+    tracing::info_span!(
+        "rpc",
+        rpc.method = call.rpc.as_str(),
+        request.id = call.request_id.as_str(),
+        caller = caller.map(|caller| caller.identity.as_str()),
+        connection.id = subject.connection_id.as_deref(),
+        tenant.id = subject.tenant_id,
+        credential.version = subject.credential_version,
+    )
 }
 
 fn audit_unavailable() -> Status {

@@ -530,7 +530,8 @@ async fn upstream_failures_are_unavailable_and_not_cached(backend: Backend) {
 
 /// At the default level a successful GetAccessToken logs nothing, and its
 /// span is only built for a line that is written; a failed one logs one line
-/// with the same fields as any other call, each once.
+/// with the same fields as any other call, each once, and its audit event
+/// names the connection's tenant.
 async fn failed_token_calls_are_logged_with_their_ids(backend: Backend) {
     let (fake, server, mut client, id) = registered_unverified(backend).await;
     fake.set_token_fault(Fault::Status(503));
@@ -559,10 +560,31 @@ async fn failed_token_calls_are_logged_with_their_ids(backend: Backend) {
         format!("request.id=\"{failed_id}\""),
         "caller=\"anonymous\"".to_owned(),
         format!("connection.id=\"{id}\""),
+        format!("tenant.id={TENANT}"),
         "code=Unavailable".to_owned(),
     ] {
         assert_eq!(line.matches(&field).count(), 1, "{field} in {line}");
     }
+
+    // Its audit event names the environment and tenant too, although the
+    // call never got a token.
+    let events = client
+        .list_audit_events(pb::ListAuditEventsRequest {
+            environment: pb::Environment::Production as i32,
+            tenant_id: TENANT,
+            rpc: "GetAccessToken".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let failed = events
+        .iter()
+        .find(|event| event.request_id == failed_id)
+        .expect("the failed call is found by its tenant");
+    assert_eq!(failed.connection_id, id);
+    assert_eq!(failed.code, "UNAVAILABLE");
 }
 
 async fn hanging_upstream_is_bounded(backend: Backend) {

@@ -483,21 +483,27 @@ impl CredentialVault for VaultService {
                 let margin = DEADLINE_MARGIN.min(deadline / 5);
                 wait = wait.min(deadline - margin);
             }
-            let issued =
-                match tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for)).await
-                {
-                    Ok(issued) => issued.map_err(|error| {
-                        status::access_token_status(error, self.vault.broker().failure_cooldown())
-                    })?,
-                    // A token that has not expired is more use to the caller
-                    // than the error, as when ServiceTitan fails at once.
-                    Err(_) => self.vault.unexpired_access_token(&id).ok_or_else(|| {
-                        Status::unavailable(
-                            "timed out waiting for ServiceTitan's token endpoint, which is still \
-                         being asked; retry later",
-                        )
-                    })?,
-                };
+            let fetched = tokio::time::timeout(wait, self.vault.access_token(&id, min_valid_for));
+            let issued = match fetched.await {
+                Ok(Ok(issued)) => issued,
+                Ok(Err(error)) => {
+                    self.record_cached_ids(&id);
+                    let cooldown = self.vault.broker().failure_cooldown();
+                    return Err(status::access_token_status(error, cooldown));
+                }
+                // A token that has not expired is more use to the caller
+                // than the error, as when ServiceTitan fails at once.
+                Err(_) => match self.vault.unexpired_access_token(&id) {
+                    Some(issued) => issued,
+                    None => {
+                        self.record_cached_ids(&id);
+                        return Err(Status::unavailable(
+                            "timed out waiting for ServiceTitan's token endpoint, which is \
+                             still being asked; retry later",
+                        ));
+                    }
+                },
+            };
             let credentials = &issued.slot.credentials;
             context::record_ids(
                 &credentials.connection_id,
@@ -637,6 +643,17 @@ impl CredentialVault for VaultService {
 }
 
 impl VaultService {
+    /// Records the environment and tenant of a connection whose token call
+    /// failed, for its audit event and log line. A caller limited to some
+    /// tenants has them recorded already; for the others the broker's entry,
+    /// installed before the token was asked for, names them.
+    fn record_cached_ids(&self, id: &str) {
+        if let Ok(slot) = self.vault.cached_slot(id) {
+            let credentials = &slot.credentials;
+            context::record_ids(id, credentials.environment, credentials.tenant_id);
+        }
+    }
+
     /// Finds the connection a token request names, by id or by environment
     /// and tenant, and checks that the caller may get tokens for its tenant.
     ///

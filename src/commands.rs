@@ -137,6 +137,7 @@ pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
         Storage::Postgres(settings) => open_postgres(&args.data_dir, &settings).await?,
     };
     let keyring = load_existing_keyring(&source)?;
+    record_command(&args.data_dir, &store, REWRAP_EVENT).await?;
     let report = rewrap::rewrap(&store, &keyring, args.limit).await?;
     store
         .flush()
@@ -169,6 +170,44 @@ pub async fn rewrap(args: RewrapArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Name in the audit trail of a `stvault rewrap` run, in the place of an
+/// RPC name.
+pub const REWRAP_EVENT: &str = "stvault rewrap";
+
+/// Appends the audit event of an operator command before it changes
+/// anything, so that a run killed halfway is on record too. A command whose
+/// event cannot be written must not run. The caller is the local user id,
+/// as the operating system reports it.
+async fn record_command(dir: &Path, store: &Store, command: &str) -> Result<(), String> {
+    let trail = crate::open_audit_trail(dir, audit::SyncPolicy::Always, store)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let event = audit::EventDraft {
+        request_id: uuid::Uuid::now_v7().to_string(),
+        caller: format!("uid:{uid}"),
+        auth_method: "local".into(),
+        peer: None,
+        rpc: command.into(),
+        connection_id: None,
+        environment: None,
+        tenant_id: None,
+        credential_version: None,
+        code: "OK".into(),
+    };
+    match trail.append(event).await {
+        Ok(audit::Appended::Chained(_)) => Ok(()),
+        Ok(audit::Appended::Spooled) => Err(
+            "the database did not take the audit event of this run, so nothing was changed; \
+             check that PostgreSQL is reachable and run again"
+                .into(),
+        ),
+        Err(e) => Err(format!(
+            "cannot write the audit event of this run, so nothing was changed: {e}"
+        )),
+    }
 }
 
 pub async fn backup(args: BackupArgs) -> Result<(), String> {

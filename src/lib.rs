@@ -271,22 +271,30 @@ async fn open_store(config: &Config) -> Result<Store, StartupError> {
     }
 }
 
-/// Opens the audit trail: the trail file of the data directory with sled,
-/// or the database's trail with PostgreSQL.
 fn open_audit(config: &Config, store: &Store) -> Result<audit::AuditLog, StartupError> {
+    open_audit_trail(&config.data_dir, config.audit_sync, store)
+}
+
+/// Opens the audit trail: the trail file of the data directory `dir` with
+/// sled, or the database's trail with PostgreSQL, whose spool is kept in
+/// `dir`.
+pub fn open_audit_trail(
+    dir: &std::path::Path,
+    sync: audit::SyncPolicy,
+    store: &Store,
+) -> Result<audit::AuditLog, StartupError> {
     let Some(postgres) = store.postgres() else {
         let db = store
             .db()
             .expect("a store without PostgreSQL is a sled store");
-        move_legacy_trail(db, &config.data_dir)?;
-        return audit::AuditLog::open(&config.data_dir, config.audit_sync)
+        move_legacy_trail(db, dir)?;
+        return audit::AuditLog::open(dir, sync)
             .map_err(|e| StartupError(format!("cannot open the audit trail: {e}")));
     };
     // Earlier versions kept a trail per server in the data directory, first
     // in its sled database. Move one still there into the trail file, so
     // `stvault audit verify --data-dir` can check it; new events go to the
     // database.
-    let dir = &config.data_dir;
     if dir.join(store::DB_DIR_NAME).is_dir() {
         let local = Store::open(dir).map_err(|e| {
             StartupError(format!(

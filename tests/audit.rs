@@ -704,18 +704,8 @@ async fn token_holders_of_a_credential_version(backend: Backend) {
     assert_eq!(token.credential_version, 2);
 
     // The README query, as printed there.
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md");
-    let script = readme
-        .split("<!-- audit-query:begin -->")
-        .nth(1)
-        .and_then(|rest| rest.split("<!-- audit-query:end -->").next())
-        .expect("README.md has the audit query")
-        .lines()
-        .filter(|line| !line.starts_with("```"))
-        .collect::<Vec<_>>()
-        .join("\n")
-        .replace("127.0.0.1:50051", &server.addr.to_string());
+    let script =
+        support::readme_block("audit-query").replace("127.0.0.1:50051", &server.addr.to_string());
     let run = |script: &str| {
         let output = Command::new("bash")
             .args(["-c", &format!("set -euo pipefail\n{script}")])

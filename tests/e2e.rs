@@ -62,22 +62,6 @@ fn token_request(id: &str) -> pb::GetAccessTokenRequest {
     }
 }
 
-/// Extracts the quickstart commands from README.md.
-fn readme_quickstart() -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("read README.md");
-    let block = readme
-        .split("<!-- quickstart:begin -->")
-        .nth(1)
-        .and_then(|rest| rest.split("<!-- quickstart:end -->").next())
-        .expect("README.md has a quickstart block");
-    block
-        .lines()
-        .filter(|line| !line.starts_with("```"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 async fn reflection_lists_services(backend: Backend) {
     let fake = demo_fake().await;
     let server = Server::start_on(backend, &fake, &fake, &[]).await;
@@ -118,7 +102,8 @@ async fn reflection_lists_services(backend: Backend) {
 async fn readme_quickstart_runs_as_printed(backend: Backend) {
     let fake = demo_fake().await;
     let server = Server::start_on(backend, &fake, &fake, &[]).await;
-    let script = readme_quickstart().replace("127.0.0.1:50051", &server.addr.to_string());
+    let script =
+        support::readme_block("quickstart").replace("127.0.0.1:50051", &server.addr.to_string());
     let output = Command::new("bash")
         .args(["-c", &format!("set -euo pipefail\n{script}")])
         .output()

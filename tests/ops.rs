@@ -214,6 +214,19 @@ async fn rewrap_killed_halfway_then_old_key_removed() {
     assert!(output.contains(&expected), "{output}");
     write_key_file(&key_file, &[&old_key, &new_key]);
 
+    // A run whose audit event cannot be written changes nothing: the
+    // partial run below still finds every old-key connection.
+    let trail = server.data_dir().join("audit.jsonl");
+    let aside = server.data_dir().join("audit.jsonl.aside");
+    std::fs::rename(&trail, &aside).unwrap();
+    std::fs::create_dir(&trail).unwrap();
+    let unaudited = server.run(&["rewrap"]);
+    let (stdout, stderr) = text(&unaudited);
+    assert!(!unaudited.status.success(), "{stdout}");
+    assert!(stderr.contains("cannot open the audit trail"), "{stderr}");
+    std::fs::remove_dir(&trail).unwrap();
+    std::fs::rename(&aside, &trail).unwrap();
+
     // A partial run stops at its limit.
     let limited = server.run(&["rewrap", "--limit", "150"]);
     let (stdout, stderr) = text(&limited);
@@ -280,6 +293,31 @@ async fn rewrap_killed_halfway_then_old_key_removed() {
     );
     assert_eq!(list_ids(&server).await.len(), total);
     assert_all_serve_tokens(&server, &ids).await;
+
+    // Each run that got past the lock is in the audit trail, the killed one
+    // too, since its event is written before anything changes.
+    let runs = server.audit_events("stvault rewrap").await;
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    for run in &runs {
+        assert_eq!(run.auth_method, "local");
+        assert!(run.caller.starts_with("uid:"), "{}", run.caller);
+        assert_eq!(run.code, "OK");
+    }
+    // The README's listing, as printed there.
+    let script =
+        support::readme_block("rewrap-events").replace("127.0.0.1:50051", &server.addr.to_string());
+    let output = Command::new("bash")
+        .args(["-c", &format!("set -euo pipefail\n{script}")])
+        .env("STVAULT_ADMIN_KEY", "unused-without-a-policy")
+        .output()
+        .expect("run bash");
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    assert!(
+        stdout.lines().all(|line| line.contains("\tuid:")),
+        "{stdout}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

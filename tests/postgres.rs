@@ -805,6 +805,10 @@ async fn rewrap_runs_beside_serving_replica() {
         )),
         "{output}"
     );
+    // The run's event is in the database's chain, beside the server's.
+    let runs = server.audit_events("stvault rewrap").await;
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0].auth_method, "local");
 
     // With only the new key left, the server starts and opens both.
     server::write_key_file(&key_file, &[&new_key]);

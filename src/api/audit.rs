@@ -8,6 +8,7 @@ use tonic::Status;
 
 use crate::audit::{AuditLog, Filter, StoredEvent};
 use crate::auth::Rpc;
+use crate::commands::REWRAP_EVENT;
 use crate::pb;
 
 use super::{convert, validate};
@@ -61,18 +62,22 @@ fn filter(request: pb::ListAuditEventsRequest) -> Result<Filter, Status> {
             format!("is longer than {MAX_CALLER_BYTES} bytes"),
         ));
     }
+    let names = || {
+        Rpc::ALL
+            .iter()
+            .map(|rpc| rpc.as_str())
+            .chain([REWRAP_EVENT])
+    };
     let rpc = match request.rpc.as_str() {
         "" => None,
-        name => match Rpc::ALL.iter().find(|rpc| rpc.as_str() == name) {
-            Some(rpc) => Some(rpc.as_str().to_owned()),
-            None => {
-                let names: Vec<&str> = Rpc::ALL.iter().map(|rpc| rpc.as_str()).collect();
-                return Err(validate::invalid(
-                    "rpc",
-                    format!("must be one of {}", names.join(", ")),
-                ));
-            }
-        },
+        name if names().any(|known| known == name) => Some(name.to_owned()),
+        _ => {
+            let names: Vec<&str> = names().collect();
+            return Err(validate::invalid(
+                "rpc",
+                format!("must be one of {}", names.join(", ")),
+            ));
+        }
     };
     let start_time = time("start_time", request.start_time)?;
     let end_time = time("end_time", request.end_time)?;

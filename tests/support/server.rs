@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use stvault::pb;
 use stvault::pb::credential_vault_client::CredentialVaultClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -253,6 +254,20 @@ impl Server {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Returns the first page of audit events of one RPC name.
+    pub async fn audit_events(&self, rpc: &str) -> Vec<pb::AuditEvent> {
+        self.client()
+            .await
+            .list_audit_events(pb::ListAuditEventsRequest {
+                rpc: rpc.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("list audit events")
+            .into_inner()
+            .events
     }
 
     pub async fn client(&self) -> CredentialVaultClient<Channel> {

@@ -542,7 +542,11 @@ impl Vault {
         // Token requests of these credentials share one pause after a 429,
         // whichever path met it.
         let version = credentials.version;
-        let report = match self.broker.rate_limit_left(id, version) {
+        let paused = match self.broker.rate_limit_left(id, version) {
+            Some(left) => Some(left),
+            None => self.shared_pause_left(id, version).await,
+        };
+        let report = match paused {
             Some(left) => verify::paused_token_report(left),
             None => {
                 let report = verify::verify(
@@ -558,6 +562,7 @@ impl Vault {
                         self.broker.install(epoch, credentials);
                     }
                     self.broker.pause_after_rate_limit(id, version, wait);
+                    self.share_pause(id, version, wait).await;
                 }
                 report
             }
@@ -570,6 +575,34 @@ impl Vault {
         });
         self.record_report(id, version, &report).await?;
         Ok(report)
+    }
+
+    /// Returns the pause after a `429` that another replica sharing the
+    /// database met for these credentials. A database error counts as no
+    /// pause: the verification then requests a token itself.
+    async fn shared_pause_left(&self, id: &str, version: u32) -> Option<Duration> {
+        let postgres = self.store.postgres()?;
+        match postgres.token_pause_left(id, version).await {
+            Ok(left) => left,
+            Err(error) => {
+                tracing::warn!(connection.id = %id, %error, "cannot read the shared rate limit pause");
+                None
+            }
+        }
+    }
+
+    /// Shares a pause after a `429` with the replicas sharing the database.
+    async fn share_pause(&self, id: &str, version: u32, wait: Duration) {
+        let Some(postgres) = self.store.postgres() else {
+            return;
+        };
+        if let Err(error) = postgres.pause_token_requests(id, version, wait).await {
+            tracing::warn!(
+                connection.id = %id,
+                %error,
+                "cannot share a rate limit pause with other replicas"
+            );
+        }
     }
 
     /// Stores `report` as the connection's health, and the time of a

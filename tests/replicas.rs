@@ -255,6 +255,54 @@ async fn rate_limit_pause_reaches_every_replica() {
     assert_shared(&[&first, &second]);
 }
 
+/// Returns the message of a report's token check.
+fn token_check(report: &pb::VerificationReport) -> String {
+    report
+        .checks
+        .iter()
+        .find(|check| check.name == "token")
+        .map(|check| check.message.clone())
+        .unwrap_or_else(|| panic!("no token check: {report:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verification_rate_limit_reaches_every_replica() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    let (first, second, id) = replicas(&cluster, &fake, &[]).await;
+    fake.set_token_fault(Fault::RateLimited {
+        retry_after_secs: 30,
+    });
+    let verify = pb::VerifyConnectionRequest {
+        connection_id: id.clone(),
+    };
+    let limited = first
+        .client()
+        .await
+        .verify_connection(verify.clone())
+        .await
+        .expect("a report")
+        .into_inner();
+    assert!(token_check(&limited).contains("429"), "{limited:?}");
+    let before = fake.token_requests();
+
+    // The other replica neither verifies nor requests a token until the
+    // pause ends.
+    let paused = second
+        .client()
+        .await
+        .verify_connection(verify)
+        .await
+        .expect("a report")
+        .into_inner();
+    assert!(token_check(&paused).contains("paused"), "{paused:?}");
+    let status = token(&mut second.client().await, &id)
+        .await
+        .expect_err("paused");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.token_requests(), before);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn rotation_replaces_the_shared_token() {
     let cluster = Postgres::start();

@@ -320,6 +320,54 @@ impl PostgresStore {
         Ok(updated == 1)
     }
 
+    /// Pauses every replica's token requests for credential `version` of a
+    /// connection after a `429` met outside a lease, as by a verification.
+    /// A pause in force is only ever extended.
+    pub async fn pause_token_requests(
+        &self,
+        connection_id: &str,
+        version: u32,
+        pause: Duration,
+    ) -> Result<(), StoreError> {
+        let version = i32::try_from(version).unwrap_or(i32::MAX);
+        let client = self.client().await?;
+        // GREATEST ignores a NULL, so a row without a pause takes this one.
+        client
+            .execute(
+                "INSERT INTO stvault_tokens (connection_id, version, retry_at) \
+                 VALUES ($1, $2, now() + $3::float8 * interval '1 second') \
+                 ON CONFLICT (connection_id) DO UPDATE \
+                 SET retry_at = GREATEST(stvault_tokens.retry_at, EXCLUDED.retry_at) \
+                 WHERE stvault_tokens.version = $2",
+                &[&connection_id, &version, &pause.as_secs_f64()],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// Returns how long token requests for credential `version` of a
+    /// connection stay paused after a `429` that any replica met, if they
+    /// are.
+    pub async fn token_pause_left(
+        &self,
+        connection_id: &str,
+        version: u32,
+    ) -> Result<Option<Duration>, StoreError> {
+        let version = i32::try_from(version).unwrap_or(i32::MAX);
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT EXTRACT(EPOCH FROM retry_at - now())::float8 FROM stvault_tokens \
+                 WHERE connection_id = $1 AND version = $2",
+                &[&connection_id, &version],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let left: Option<f64> = row.and_then(|row| row.get(0));
+        Ok(left.filter(|left| *left > 0.0).map(Duration::from_secs_f64))
+    }
+
     /// Ends `lease` without a token, after a failed request. With `pause`,
     /// every replica waits that long before the next request.
     pub async fn release_token_lease(

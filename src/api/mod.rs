@@ -101,11 +101,15 @@ impl VaultService {
             .lock()
             .expect("the subject lock is never poisoned")
             .clone();
-        let event = call.event(caller.as_ref(), method, recorded.clone(), code);
+        let event = call.event(caller.as_ref(), method, recorded, code);
         let appended = self.audit.append(event).await;
         if span.is_none() && (result.is_err() || appended.is_err()) {
             // Created now with everything the call recorded, for the lines
             // below.
+            let recorded = subject
+                .lock()
+                .expect("the subject lock is never poisoned")
+                .clone();
             span = call_span(&call, caller.as_ref(), &recorded);
         }
         if let Err(error) = appended {

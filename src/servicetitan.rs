@@ -57,6 +57,13 @@ pub fn parse_endpoint(setting: &str, value: &str) -> Result<Url, String> {
             "{setting} must not contain a user name or password; remove the part before '@'"
         ));
     }
+    // The API URL is the base callers append paths to, and ServiceTitan's
+    // endpoints take no query of their own.
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{setting} must not contain a query or fragment; remove the part from '?' or '#'"
+        ));
+    }
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback_host(&url) => Ok(url),
@@ -301,6 +308,8 @@ impl ServiceTitanClient {
     }
 
     /// Calls `GET {api}{path}` with the app key and token, for verification.
+    /// A path in the API URL, as behind a proxy, comes first: callers are
+    /// handed the same URL as their base.
     pub async fn probe(
         &self,
         environment: Environment,
@@ -309,7 +318,8 @@ impl ServiceTitanClient {
         access_token: &SecretString,
     ) -> ProbeOutcome {
         let mut url = self.endpoints(environment).api_url.clone();
-        url.set_path(path);
+        let joined = format!("{}{path}", url.path().trim_end_matches('/'));
+        url.set_path(&joined);
         url.set_query(Some("pageSize=1"));
         let result = self
             .http
@@ -593,6 +603,9 @@ mod tests {
         assert!(parse_endpoint("X", "http://auth.servicetitan.io/connect/token").is_err());
         assert!(parse_endpoint("X", "ftp://127.0.0.1/").is_err());
         assert!(parse_endpoint("X", "not a url").is_err());
+        assert!(parse_endpoint("X", "https://proxy.internal/servicetitan").is_ok());
+        assert!(parse_endpoint("X", "https://api.servicetitan.io/?v=2").is_err());
+        assert!(parse_endpoint("X", "https://api.servicetitan.io/#top").is_err());
     }
 
     #[test]

@@ -544,6 +544,26 @@ async fn probe_checks(
             Some(ProbeOutcome::Unexpected(status)) => {
                 format!("ServiceTitan's API answered the verification calls with HTTP {status}")
             }
+            // Every call was answered, with 404: the API URL is not
+            // ServiceTitan's, or misses a path a proxy needs.
+            _ if outcomes.iter().all(|o| *o == ProbeOutcome::NotFound) => {
+                let setting = match credentials.environment {
+                    Environment::Production => "STVAULT_PRODUCTION_API_URL",
+                    Environment::Integration => "STVAULT_INTEGRATION_API_URL",
+                };
+                report.fail(
+                    "app_key",
+                    failure,
+                    format!(
+                        "ServiceTitan's API answered every verification call with HTTP 404 \
+                         Not Found, so {setting} of this server likely names the wrong base URL"
+                    ),
+                    "Nothing is known to be wrong with the credentials; check the API URL \
+                     setting of the vault, then verify again.",
+                );
+                report.skip_rest(&["tenant_access"], "skipped because the API is unavailable");
+                return;
+            }
             _ => "ServiceTitan's API did not answer the verification calls".to_owned(),
         };
         report.fail("app_key", failure, message, REMEDIATE_UPSTREAM);

@@ -35,6 +35,7 @@ backend_tests!(
     missing_required_group_fails,
     token_timeout_is_upstream_trouble,
     api_timeout_is_upstream_trouble,
+    api_url_path_is_kept,
     server_errors_are_upstream_trouble,
     rate_limits_are_reported_with_delay,
     token_pause_shared_with_verification,
@@ -453,6 +454,52 @@ async fn api_timeout_is_upstream_trouble(backend: Backend) {
         "app_key",
         Outcome::UpstreamUnavailable,
         &["retry the verification later"],
+    );
+}
+
+/// An API URL with a path, as behind a proxy: verification calls go under
+/// it, and callers get the same URL. Without the path, every call meets 404,
+/// and the report names the setting.
+async fn api_url_path_is_kept(backend: Backend) {
+    let fake = FakeServiceTitan::start().await;
+    fake.add_app(app());
+    fake.set_api_prefix("/gateway");
+    let behind_proxy = format!("{}/gateway", fake.api_url());
+    let server = Server::start_on(
+        backend,
+        &fake,
+        &fake,
+        &[("STVAULT_INTEGRATION_API_URL", &behind_proxy)],
+    )
+    .await;
+    let report = verify_unverified(&server, register_request()).await;
+    assert!(report.ok, "{report:#?}");
+    let token = server
+        .client()
+        .await
+        .get_access_token(pb::GetAccessTokenRequest {
+            environment: pb::Environment::Integration as i32,
+            tenant_id: TENANT,
+            ..Default::default()
+        })
+        .await
+        .expect("a token")
+        .into_inner();
+    assert_eq!(token.api_base_url, behind_proxy);
+
+    let direct = Server::start_on(backend, &fake, &fake, &[]).await;
+    let report = verify_unverified(&direct, register_request()).await;
+    assert_eq!(status_of(&report, "token"), CheckStatus::Passed);
+    assert_fails_at(
+        &report,
+        "app_key",
+        Outcome::UpstreamUnavailable,
+        &["check the API URL setting"],
+    );
+    let message = &check(&report, "app_key").message;
+    assert!(
+        message.contains("HTTP 404") && message.contains("STVAULT_INTEGRATION_API_URL"),
+        "{message}"
     );
 }
 

@@ -181,6 +181,8 @@ struct FakeState {
     token_lifetime_secs: i64,
     expires_in_override: Option<Value>,
     last_token_form: Option<Vec<(String, String)>>,
+    /// Path the API is served under, as behind a proxy; empty by default.
+    api_prefix: String,
 }
 
 /// What the fake remembers about an access token to validate API calls.
@@ -319,6 +321,12 @@ impl FakeServiceTitan {
         self.shared.lock_state().api_fault = fault;
     }
 
+    /// Serves the API endpoints under `prefix` only, such as `/gateway`, as
+    /// a proxy in front of ServiceTitan would; other paths get 404.
+    pub fn set_api_prefix(&self, prefix: &str) {
+        self.shared.lock_state().api_prefix = prefix.to_owned();
+    }
+
     /// Delays every later token response by `delay`, faulted ones included.
     pub fn set_token_delay(&self, delay: Duration) {
         self.shared.lock_state().token_delay = delay;
@@ -375,6 +383,7 @@ impl FakeState {
             token_lifetime_secs: DEFAULT_TOKEN_LIFETIME_SECS,
             expires_in_override: None,
             last_token_form: None,
+            api_prefix: String::new(),
         }
     }
 }
@@ -744,7 +753,12 @@ async fn api_endpoint(
     }
     // NOTE: an unknown path or method gets API Management's own 404, on the
     // assumption that the gateway matches operations before checking keys.
-    let probe = match_probe(uri.path()).filter(|_| method == Method::GET);
+    let prefix = shared.lock_state().api_prefix.clone();
+    let probe = uri
+        .path()
+        .strip_prefix(prefix.as_str())
+        .and_then(match_probe)
+        .filter(|_| method == Method::GET);
     let Some((tenant, probe)) = probe else {
         return gateway_error(StatusCode::NOT_FOUND, "Resource not found");
     };

@@ -686,6 +686,7 @@ fn for_connection_tenant(
         Some(false) => Err(TokenError::OtherTenant {
             expected,
             claimed: issued.claims.shown_tenant(),
+            single: issued.claims.names_one_tenant(),
         }),
         _ => Ok(issued),
     }

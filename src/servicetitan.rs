@@ -105,12 +105,29 @@ pub enum TokenError {
     /// A response that is not a usable token response.
     #[error("ServiceTitan returned an invalid token response: {0}")]
     InvalidResponse(String),
-    /// A token whose `tenant` claim names another tenant than the
-    /// connection's: the stored credentials are another tenant's.
-    #[error(
-        "ServiceTitan issued the token for tenant {claimed}, not for the connection's tenant {expected}"
-    )]
-    OtherTenant { expected: i64, claimed: String },
+    /// A token whose `tenant` claim does not name the connection's tenant:
+    /// with `single`, it names another one, so the stored credentials are
+    /// another tenant's; without, it names several or none that reads.
+    #[error("{}", other_tenant_text(*expected, claimed, *single))]
+    OtherTenant {
+        expected: i64,
+        claimed: String,
+        single: bool,
+    },
+}
+
+fn other_tenant_text(expected: i64, claimed: &str, single: bool) -> String {
+    if single {
+        format!(
+            "ServiceTitan issued the token for tenant {claimed}, not for the connection's tenant \
+             {expected}"
+        )
+    } else {
+        format!(
+            "ServiceTitan issued the token with a tenant claim that does not name one tenant \
+             ({claimed}), so it is not known to be for the connection's tenant {expected}"
+        )
+    }
 }
 
 /// OAuth 2.0 error codes from RFC 6749, section 5.2.
@@ -185,6 +202,13 @@ impl TokenClaims {
     pub fn names_tenant(&self, tenant_id: i64) -> Option<bool> {
         let claim = self.tenant.as_ref()?;
         Some(claim.parse::<i64>() == Ok(tenant_id))
+    }
+
+    /// Whether the `tenant` claim reads as exactly one tenant id.
+    pub fn names_one_tenant(&self) -> bool {
+        self.tenant
+            .as_ref()
+            .is_some_and(|claim| claim.parse::<i64>().is_ok())
     }
 
     /// Returns the `tenant` claim for a message: at most 40 of its digits,
@@ -723,23 +747,26 @@ mod tests {
     fn tenant_claim_forms() {
         let claims =
             |json: &str| decode_claims(&format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(json)));
+        // The claim, whether it names tenant 8450, whether it names one.
         let cases = [
-            (r#"{"tenant":"8450"}"#, Some(true)),
-            (r#"{"tenant":" 8450 "}"#, Some(true)),
-            (r#"{"tenant":"08450"}"#, Some(true)),
-            (r#"{"tenant":8450}"#, Some(true)),
-            (r#"{"tenant":["8450"]}"#, Some(true)),
-            (r#"{"tenant":"1001"}"#, Some(false)),
-            (r#"{"tenant":["1001"]}"#, Some(false)),
-            (r#"{"tenant":["8450","1001"]}"#, Some(false)),
-            (r#"{"tenant":8450.5}"#, Some(false)),
-            (r#"{"tenant":{"id":8450}}"#, Some(false)),
-            (r#"{"tenant":true}"#, Some(false)),
-            (r#"{"tenant":null}"#, None),
-            (r#"{}"#, None),
+            (r#"{"tenant":"8450"}"#, Some(true), true),
+            (r#"{"tenant":" 8450 "}"#, Some(true), true),
+            (r#"{"tenant":"08450"}"#, Some(true), true),
+            (r#"{"tenant":8450}"#, Some(true), true),
+            (r#"{"tenant":["8450"]}"#, Some(true), true),
+            (r#"{"tenant":"1001"}"#, Some(false), true),
+            (r#"{"tenant":["1001"]}"#, Some(false), true),
+            (r#"{"tenant":["8450","1001"]}"#, Some(false), false),
+            (r#"{"tenant":"8450,1001"}"#, Some(false), false),
+            (r#"{"tenant":8450.5}"#, Some(false), false),
+            (r#"{"tenant":{"id":8450}}"#, Some(false), false),
+            (r#"{"tenant":true}"#, Some(false), false),
+            (r#"{"tenant":null}"#, None, false),
+            (r#"{}"#, None, false),
         ];
-        for (json, expected) in cases {
-            assert_eq!(claims(json).names_tenant(8450), expected, "{json}");
+        for (json, names, one) in cases {
+            assert_eq!(claims(json).names_tenant(8450), names, "{json}");
+            assert_eq!(claims(json).names_one_tenant(), one, "{json}");
         }
         assert_eq!(
             claims(r#"{"tenant":["8450","1001"]}"#).shown_tenant(),

@@ -429,12 +429,24 @@ async fn token_check(
             format!("ServiceTitan's token endpoint answered with an unusable response: {reason}"),
             REMEDIATE_UPSTREAM,
         ),
-        TokenError::OtherTenant { expected, claimed } => report.fail(
+        TokenError::OtherTenant {
+            expected,
+            claimed,
+            single,
+        } => report.fail(
             "token",
             Failure::Setup,
-            format!(
-                "the token was issued for tenant {claimed}, but the connection is registered for tenant {expected}"
-            ),
+            if single {
+                format!(
+                    "the token was issued for tenant {claimed}, but the connection is registered \
+                     for tenant {expected}"
+                )
+            } else {
+                format!(
+                    "the token's tenant claim ({claimed}) does not name one tenant; the \
+                     connection is registered for tenant {expected}"
+                )
+            },
             REMEDIATE_TENANT_ID,
         ),
     }

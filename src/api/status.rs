@@ -76,10 +76,23 @@ fn token_status(error: &TokenError) -> Status {
         TokenError::InvalidResponse(reason) => Status::unavailable(format!(
             "ServiceTitan's token endpoint returned an unusable response: {reason}"
         )),
-        TokenError::OtherTenant { expected, .. } => Status::failed_precondition(format!(
+        TokenError::OtherTenant {
+            expected,
+            single: true,
+            ..
+        } => Status::failed_precondition(format!(
             "ServiceTitan issued this connection's token for another tenant, so its credentials \
              are not tenant {expected}'s; run VerifyConnection, then register the credentials \
              under their own tenant, or RotateCredentials with those of tenant {expected}"
+        )),
+        TokenError::OtherTenant {
+            expected,
+            single: false,
+            ..
+        } => Status::failed_precondition(format!(
+            "ServiceTitan issued this connection's token with a tenant claim that does not name \
+             one tenant, so it is not handed out; run VerifyConnection, and check in the \
+             Developer Portal that the app is connected to tenant {expected}"
         )),
     }
 }
@@ -140,4 +153,31 @@ pub fn verification_status(report: &Report) -> Status {
     let check = first.map(|c| c.name.clone()).unwrap_or_default();
     details.set_error_info(reason, ERROR_DOMAIN, [("check".to_owned(), check)]);
     Status::with_error_details(code, summary, details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_claim_refusals_say_which_kind() {
+        let status = |single| {
+            token_status(&TokenError::OtherTenant {
+                expected: 8450,
+                claimed: "8450,1001".into(),
+                single,
+            })
+        };
+        let other = status(true);
+        assert_eq!(other.code(), Code::FailedPrecondition);
+        assert!(other.message().contains("for another tenant"), "{other:?}");
+        let unclear = status(false);
+        assert_eq!(unclear.code(), Code::FailedPrecondition);
+        assert!(
+            unclear.message().contains("does not name one tenant"),
+            "{unclear:?}"
+        );
+        assert!(!unclear.message().contains("another tenant"), "{unclear:?}");
+        assert!(!unclear.message().contains("1001"), "{unclear:?}");
+    }
 }

@@ -358,6 +358,19 @@ impl Broker {
         self.settings.failure_cooldown
     }
 
+    /// Returns how much longer a connection's last failed token request is
+    /// answered from memory, if it is.
+    pub fn failure_cooldown_left(&self, connection_id: &str) -> Option<Duration> {
+        let slot = self.slot(connection_id).ok()?;
+        let state = slot.state.lock().expect("slot lock is never poisoned");
+        let left = state
+            .cooldown
+            .as_ref()?
+            .until
+            .saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
     /// Returns the number of token requests this broker has sent.
     pub fn upstream_requests(&self) -> u64 {
         self.upstream_requests.load(Ordering::Relaxed)

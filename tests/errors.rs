@@ -28,6 +28,7 @@ backend_tests!(
     upstream_failures_are_unavailable_and_not_cached,
     hanging_upstream_is_bounded,
     failed_token_calls_are_logged_with_their_ids,
+    retry_info_counts_down_the_cooldown,
 );
 
 async fn fake_with_app() -> FakeServiceTitan {
@@ -585,6 +586,38 @@ async fn failed_token_calls_are_logged_with_their_ids(backend: Backend) {
         .expect("the failed call is found by its tenant");
     assert_eq!(failed.connection_id, id);
     assert_eq!(failed.code, "UNAVAILABLE");
+}
+
+/// A repeated call within the failure cooldown gets the same error from
+/// memory, with the time that is left of the cooldown as its retry delay.
+async fn retry_info_counts_down_the_cooldown(backend: Backend) {
+    let fake = fake_with_app().await;
+    let server = Server::start_on(
+        backend,
+        &fake,
+        &fake,
+        &[("STVAULT_TOKEN_FAILURE_COOLDOWN", "10s")],
+    )
+    .await;
+    let mut client = server.client().await;
+    let id = register_unverified(&mut client).await;
+    fake.set_token_fault(Fault::Status(503));
+    let delay = |status: &tonic::Status| {
+        status
+            .get_error_details()
+            .retry_info()
+            .and_then(|info| info.retry_delay)
+            .expect("RetryInfo with a delay")
+    };
+    let first = client.get_access_token(by_id(&id)).await.unwrap_err();
+    assert_status(&first, Code::Unavailable, "HTTP 503");
+    assert!(delay(&first) > Duration::from_secs(9), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let repeated = client.get_access_token(by_id(&id)).await.unwrap_err();
+    assert_status(&repeated, Code::Unavailable, "HTTP 503");
+    assert!(delay(&repeated) < Duration::from_secs(9), "{repeated:?}");
+    assert!(delay(&repeated) > Duration::from_secs(7), "{repeated:?}");
+    assert_eq!(fake.token_requests(), 1);
 }
 
 async fn hanging_upstream_is_bounded(backend: Backend) {

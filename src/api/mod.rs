@@ -492,7 +492,10 @@ impl CredentialVault for VaultService {
                 Ok(Ok(issued)) => issued,
                 Ok(Err(error)) => {
                     self.record_cached_ids(&id);
-                    let cooldown = self.vault.broker().failure_cooldown();
+                    let broker = self.vault.broker();
+                    let cooldown = broker
+                        .failure_cooldown_left(&id)
+                        .unwrap_or_else(|| broker.failure_cooldown());
                     return Err(status::access_token_status(error, cooldown));
                 }
                 // A token that has not expired is more use to the caller

@@ -97,9 +97,9 @@ fn token_status(error: &TokenError) -> Status {
     }
 }
 
-/// Maps a failed GetAccessToken. ServiceTitan's own failures carry the
-/// failure cooldown as RetryInfo, since calls before it ends get the same
-/// error from memory.
+/// Maps a failed GetAccessToken. ServiceTitan's own failures carry what is
+/// left of the failure cooldown as RetryInfo, since calls before it ends get
+/// the same error from memory.
 pub fn access_token_status(error: VaultError, cooldown: Duration) -> Status {
     let from_memory = matches!(
         error,

@@ -112,10 +112,19 @@ pub async fn open(config: &Config) -> Result<Opened, StartupError> {
     for key_id in &checked.retired_key_ids {
         tracing::info!(key.id = %key_id, "master key retired: it is no longer configured and no connection uses it");
     }
+    // Plain text, not Debug forms, so that JSON logs carry no escaped
+    // quotes: "mk-a,mk-b" and "mk-a=3,mk-b=0".
+    let keys = keyring.ids().collect::<Vec<_>>().join(",");
+    let by_key = checked
+        .connections_by_key
+        .iter()
+        .map(|(id, count)| format!("{id}={count}"))
+        .collect::<Vec<_>>()
+        .join(",");
     tracing::info!(
-        keys = ?keyring,
+        keys,
         newest = keyring.newest().id(),
-        connections_by_key = ?checked.connections_by_key,
+        connections_by_key = by_key,
         "master keyring checked"
     );
 

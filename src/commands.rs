@@ -181,8 +181,14 @@ pub const REWRAP_EVENT: &str = "stvault rewrap";
 /// event cannot be written must not run. The caller is the local user id,
 /// as the operating system reports it.
 async fn record_command(dir: &Path, store: &Store, command: &str) -> Result<(), String> {
-    let trail = crate::open_audit_trail(dir, audit::SyncPolicy::Always, store)
-        .map_err(|e| e.to_string())?;
+    // On PostgreSQL the event goes straight to the database's chain: a
+    // spool in the directory would only be forwarded by a server started
+    // on it, perhaps never.
+    let trail = match store.postgres() {
+        Some(postgres) => audit::AuditLog::open_postgres_unspooled(postgres),
+        None => crate::open_audit_trail(dir, audit::SyncPolicy::Always, store)
+            .map_err(|e| e.to_string())?,
+    };
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     let event = audit::EventDraft {
@@ -199,9 +205,11 @@ async fn record_command(dir: &Path, store: &Store, command: &str) -> Result<(), 
     };
     match trail.append(event).await {
         Ok(audit::Appended::Chained(_)) => Ok(()),
+        // A trail opened without a spool does not spool; should it, the
+        // event would not be in the chain yet, so the run stops.
         Ok(audit::Appended::Spooled) => Err(
-            "the database did not take the audit event of this run, so nothing was changed; \
-             check that PostgreSQL is reachable and run again"
+            "the audit event of this run was spooled instead of written to the database, so \
+             nothing was changed; run again"
                 .into(),
         ),
         Err(e) => Err(format!(

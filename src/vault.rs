@@ -19,6 +19,9 @@ use crate::servicetitan::TokenError;
 use crate::store::{ConnectionRecord, CredentialVersion, Store, StoreError, VersionState};
 use crate::verify::{self, Report};
 
+/// How long a verification waits for the database to read or store a
+/// pause after a `429` shared with other replicas.
+const SHARED_PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 const CLIENT_SECRET_FIELD: &str = "client_secret";
 const APP_KEY_FIELD: &str = "app_key";
 /// Times an operation re-reads a record after a concurrent change.
@@ -582,10 +585,18 @@ impl Vault {
     /// pause: the verification then requests a token itself.
     async fn shared_pause_left(&self, id: &str, version: u32) -> Option<Duration> {
         let postgres = self.store.postgres()?;
-        match postgres.token_pause_left(id, version).await {
-            Ok(left) => left,
-            Err(error) => {
+        let read = postgres.token_pause_left(id, version);
+        match tokio::time::timeout(SHARED_PAUSE_TIMEOUT, read).await {
+            Ok(Ok(left)) => left,
+            Ok(Err(error)) => {
                 tracing::warn!(connection.id = %id, %error, "cannot read the shared rate limit pause");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    connection.id = %id,
+                    "the database did not say in time whether token requests are paused"
+                );
                 None
             }
         }
@@ -596,13 +607,17 @@ impl Vault {
         let Some(postgres) = self.store.postgres() else {
             return;
         };
-        if let Err(error) = postgres.pause_token_requests(id, version, wait).await {
-            tracing::warn!(
-                connection.id = %id,
-                %error,
-                "cannot share a rate limit pause with other replicas"
-            );
-        }
+        let stored = postgres.pause_token_requests(id, version, wait);
+        let error = match tokio::time::timeout(SHARED_PAUSE_TIMEOUT, stored).await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "the database did not answer in time".to_owned(),
+        };
+        tracing::warn!(
+            connection.id = %id,
+            %error,
+            "cannot share a rate limit pause with other replicas"
+        );
     }
 
     /// Stores `report` as the connection's health, and the time of a

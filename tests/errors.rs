@@ -29,6 +29,7 @@ backend_tests!(
     hanging_upstream_is_bounded,
     failed_token_calls_are_logged_with_their_ids,
     retry_info_counts_down_the_cooldown,
+    span_filter_logs_served_tokens,
 );
 
 async fn fake_with_app() -> FakeServiceTitan {
@@ -618,6 +619,31 @@ async fn retry_info_counts_down_the_cooldown(backend: Backend) {
     assert!(delay(&repeated) < Duration::from_secs(9), "{repeated:?}");
     assert!(delay(&repeated) > Duration::from_secs(7), "{repeated:?}");
     assert_eq!(fake.token_requests(), 1);
+}
+
+/// A filter on the call's span turns on the debug line of a served token,
+/// with every field of the call.
+async fn span_filter_logs_served_tokens(backend: Backend) {
+    let fake = fake_with_app().await;
+    let server = Server::start_on(backend, &fake, &fake, &[("RUST_LOG", "info,[rpc]=debug")]).await;
+    let mut client = server.client().await;
+    let id = register_unverified(&mut client).await;
+    let served = client.get_access_token(by_id(&id)).await;
+    let served_id = support::server::request_id(&served);
+    served.expect("a token");
+    let logs = server.logs();
+    let line = logs
+        .lines()
+        .find(|line| line.contains(&served_id) && line.contains("rpc finished"))
+        .unwrap_or_else(|| panic!("no line for the served token: {logs}"));
+    for field in [
+        format!("connection.id=\"{id}\""),
+        format!("tenant.id={TENANT}"),
+        "credential.version=1".to_owned(),
+        "caller=\"anonymous\"".to_owned(),
+    ] {
+        assert_eq!(line.matches(&field).count(), 1, "{field} in {line}");
+    }
 }
 
 async fn hanging_upstream_is_bounded(backend: Backend) {

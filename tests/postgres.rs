@@ -20,7 +20,7 @@ use stvault::model::Environment;
 use stvault::pb;
 use stvault::pb::credential_version::State;
 use stvault::secret::SecretString;
-use stvault::store::postgres::DatabaseUrl;
+use stvault::store::postgres::{Claim, ClaimRequest, DatabaseUrl};
 use stvault::store::{ConnectionRecord, DatabaseSettings, Store, StoreError};
 use stvault::vault::{NewConnection, new_record};
 use support::callers::{Key, write_policy};
@@ -935,11 +935,7 @@ async fn store_contract_holds_on_both_backends() {
 
     let cluster = Postgres::start();
     let url = cluster.create_database("vault").await;
-    let url = DatabaseUrl {
-        text: SecretString::new(url),
-        setting: "STVAULT_DATABASE_URL",
-    };
-    let settings = DatabaseSettings::parse(&url, None).unwrap();
+    let settings = settings_for(url);
     // Two servers starting together both migrate the empty database.
     let (first, second) = tokio::join!(
         Store::connect_postgres(&settings),
@@ -963,6 +959,67 @@ async fn store_contract_holds_on_both_backends() {
     assert!(
         postgres.get("conn-90000").await.unwrap().is_none(),
         "part of a failed batch was stored"
+    );
+}
+
+/// Returns the database settings of `url`, as `STVAULT_DATABASE_URL`.
+fn settings_for(url: String) -> DatabaseSettings {
+    let url = DatabaseUrl {
+        text: SecretString::new(url),
+        setting: "STVAULT_DATABASE_URL",
+    };
+    DatabaseSettings::parse(&url, None).unwrap()
+}
+
+/// A pause after a `429` is only ever lengthened: a lease released after a
+/// short `Retry-After` keeps the longer pause a verification stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn shared_pause_is_only_lengthened() {
+    let cluster = Postgres::start();
+    let url = cluster.create_database("vault").await;
+    let settings = settings_for(url);
+    let store = Store::connect_postgres(&settings).await.expect("connect");
+    let (master_key, _) = MasterKey::generate();
+    let connection = record(&master_key, 1, TENANT);
+    store.insert_batch(&[connection]).await.expect("insert");
+    let postgres = store.postgres().expect("a PostgreSQL store");
+    let request = ClaimRequest {
+        connection_id: "conn-00001",
+        version: 1,
+        owner: "replica-a",
+        lease_for: Duration::from_secs(10),
+        min_share_left: 0.5,
+        min_left: Duration::ZERO,
+    };
+    let Claim::Leased(lease) = postgres.claim_token(&request).await.expect("claim") else {
+        panic!("an empty row is leased");
+    };
+    postgres
+        .pause_token_requests("conn-00001", 1, Duration::from_secs(300))
+        .await
+        .expect("store a pause");
+    postgres
+        .release_token_lease(&lease, Some(Duration::from_secs(2)))
+        .await
+        .expect("release");
+    let left = postgres
+        .token_pause_left("conn-00001", 1)
+        .await
+        .expect("read the pause")
+        .expect("paused");
+    assert!(left > Duration::from_secs(290), "{left:?}");
+
+    // A shorter pause stored later does not shorten it either.
+    postgres
+        .pause_token_requests("conn-00001", 1, Duration::from_secs(5))
+        .await
+        .expect("store a pause");
+    let left = postgres.token_pause_left("conn-00001", 1).await.unwrap();
+    assert!(left > Some(Duration::from_secs(290)), "{left:?}");
+    // Another version has no pause.
+    assert_eq!(
+        postgres.token_pause_left("conn-00001", 2).await.unwrap(),
+        None
     );
 }
 

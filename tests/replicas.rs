@@ -255,6 +255,56 @@ async fn rate_limit_pause_reaches_every_replica() {
     assert_shared(&[&first, &second]);
 }
 
+/// An error logged while a token call runs carries the call's request id,
+/// although the call's other fields are only recorded if it fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_during_a_token_call_carry_its_request_id() {
+    let cluster = Postgres::start();
+    let fake = fake().await;
+    let (first, _second, id) = replicas(&cluster, &fake, &[]).await;
+    let database = connect(&first.env["STVAULT_DATABASE_URL"]).await;
+    database
+        .execute(
+            "UPDATE stvault_connections SET record = '\\x00'::bytea WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("damage the stored record");
+    let failed = first
+        .client()
+        .await
+        .get_access_token(pb::GetAccessTokenRequest {
+            connection_id: id.clone(),
+            ..Default::default()
+        })
+        .await;
+    let request_id = support::server::request_id(&failed);
+    assert!(failed.is_err(), "a damaged record served a token");
+    let logs = first.logs();
+    let line = logs
+        .lines()
+        .find(|line| line.contains("ERROR") && line.contains("not readable"))
+        .unwrap_or_else(|| panic!("no error line: {logs}"));
+    assert!(
+        line.contains(&format!("request.id=\"{request_id}\"")),
+        "{line}"
+    );
+}
+
+/// Rotates the connection to `SECRET_2` through `server`.
+async fn rotate_to_second_secret(server: &Server, id: &str) {
+    server
+        .client()
+        .await
+        .rotate_credentials(pb::RotateCredentialsRequest {
+            connection_id: id.into(),
+            client_secret: SECRET_2.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("rotate");
+}
+
 /// Returns the message of a report's token check.
 fn token_check(report: &pb::VerificationReport) -> String {
     report
@@ -269,7 +319,13 @@ fn token_check(report: &pb::VerificationReport) -> String {
 async fn verification_rate_limit_reaches_every_replica() {
     let cluster = Postgres::start();
     let fake = fake().await;
+    fake.update_app(CLIENT_ID, |app| app.client_secrets.push(SECRET_2.into()));
     let (first, second, id) = replicas(&cluster, &fake, &[]).await;
+    // The shared row holds version 1's token when version 2 meets the 429.
+    token(&mut second.client().await, &id)
+        .await
+        .expect("a version 1 token");
+    rotate_to_second_secret(&first, &id).await;
     fake.set_token_fault(Fault::RateLimited {
         retry_after_secs: 30,
     });
@@ -296,9 +352,25 @@ async fn verification_rate_limit_reaches_every_replica() {
         .expect("a report")
         .into_inner();
     assert!(token_check(&paused).contains("paused"), "{paused:?}");
-    let status = token(&mut second.client().await, &id)
-        .await
-        .expect_err("paused");
+    // The second replica serves its cached version 1 token until the
+    // rotation's notification reaches it, within a second.
+    let started = Instant::now();
+    let status = loop {
+        match token(&mut second.client().await, &id).await {
+            Ok(issued) if issued.credential_version == 1 => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "still version 1"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(issued) => panic!(
+                "a token while paused: version {}",
+                issued.credential_version
+            ),
+            Err(status) => break status,
+        }
+    };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(fake.token_requests(), before);
 }
@@ -312,16 +384,7 @@ async fn rotation_replaces_the_shared_token() {
     let old = token(&mut second.client().await, &id).await.expect("token");
     assert_eq!(old.credential_version, 1);
 
-    first
-        .client()
-        .await
-        .rotate_credentials(pb::RotateCredentialsRequest {
-            connection_id: id.clone(),
-            client_secret: SECRET_2.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("rotate");
+    rotate_to_second_secret(&first, &id).await;
     // The rotation's check requested tokens of its own; count from here.
     let before = fake.token_requests();
     let mut tokens = HashSet::new();

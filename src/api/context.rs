@@ -26,20 +26,45 @@ pub struct Subject {
     pub credential_version: Option<u32>,
 }
 
+/// Where the `record_*` functions of one call store what they learn.
+struct Recording {
+    subject: Arc<Mutex<Subject>>,
+    /// Whether ids are also recorded in the call's span as they become
+    /// known, or only once the call ends (see `VaultService::observe`).
+    in_span: bool,
+}
+
 tokio::task_local! {
-    static SUBJECT: Arc<Mutex<Subject>>;
+    static RECORDING: Recording;
 }
 
-/// Runs `future` with `subject` as the place where `record_*` store ids.
-pub async fn with_subject<F: Future>(subject: Arc<Mutex<Subject>>, future: F) -> F::Output {
-    SUBJECT.scope(subject, future).await
+/// Runs `future` with `subject` as the place where `record_*` store ids,
+/// and with them the current span when `in_span` is set.
+pub async fn with_subject<F: Future>(
+    subject: Arc<Mutex<Subject>>,
+    in_span: bool,
+    future: F,
+) -> F::Output {
+    RECORDING
+        .scope(Recording { subject, in_span }, future)
+        .await
 }
 
-fn update(change: impl FnOnce(&mut Subject)) {
-    // Outside an RPC (as in direct calls from tests) there is nothing to update.
-    let _ = SUBJECT.try_with(|subject| {
-        change(&mut subject.lock().expect("the subject lock is never poisoned"));
-    });
+/// Applies `change` to the call's subject, and returns whether ids go to
+/// the span as well. Outside an RPC (as in direct calls from tests) there
+/// is nothing to update.
+fn update(change: impl FnOnce(&mut Subject)) -> bool {
+    RECORDING
+        .try_with(|recording| {
+            change(
+                &mut recording
+                    .subject
+                    .lock()
+                    .expect("the subject lock is never poisoned"),
+            );
+            recording.in_span
+        })
+        .unwrap_or(true)
 }
 
 /// Records the connection an RPC acted on, in its span and audit event.
@@ -49,15 +74,18 @@ pub fn record_connection(record: &ConnectionRecord) {
 
 /// Records a connection's ids in the RPC's span and audit event.
 pub fn record_ids(connection_id: &str, environment: Environment, tenant_id: i64) {
-    let span = tracing::Span::current();
     // The log formatter appends every value recorded, so a field already
     // recorded with the same value is left alone.
     let (mut known_id, mut known_tenant) = (None, None);
-    update(|subject| {
+    let in_span = update(|subject| {
         known_id = subject.connection_id.replace(connection_id.to_owned());
         known_tenant = subject.tenant_id.replace(tenant_id);
         subject.environment = Some(environment);
     });
+    if !in_span {
+        return;
+    }
+    let span = tracing::Span::current();
     if known_id.as_deref() != Some(connection_id) {
         span.record("connection.id", connection_id);
     }
@@ -68,24 +96,28 @@ pub fn record_ids(connection_id: &str, environment: Environment, tenant_id: i64)
 
 /// Records the connection id an RPC names, before it is looked up.
 pub fn record_connection_id(connection_id: &str) {
-    tracing::Span::current().record("connection.id", connection_id);
-    update(|subject| subject.connection_id = Some(connection_id.to_owned()));
+    if update(|subject| subject.connection_id = Some(connection_id.to_owned())) {
+        tracing::Span::current().record("connection.id", connection_id);
+    }
 }
 
 /// Records the environment and tenant an RPC names, before any lookup.
 pub fn record_tenant(environment: Environment, tenant_id: i64) {
-    tracing::Span::current().record("tenant.id", tenant_id);
-    update(|subject| {
+    let in_span = update(|subject| {
         subject.environment = Some(environment);
         subject.tenant_id = Some(tenant_id);
     });
+    if in_span {
+        tracing::Span::current().record("tenant.id", tenant_id);
+    }
 }
 
 /// Records the credential version a token was minted from, or that an RPC
 /// made current.
 pub fn record_credential_version(version: u32) {
-    tracing::Span::current().record("credential.version", version);
-    update(|subject| subject.credential_version = Some(version));
+    if update(|subject| subject.credential_version = Some(version)) {
+        tracing::Span::current().record("credential.version", version);
+    }
 }
 
 /// Request details known before the handler runs.

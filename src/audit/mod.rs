@@ -259,6 +259,12 @@ impl AuditLog {
         Ok(Self::with_backend(Backend::Postgres(trail)))
     }
 
+    /// Opens the trail in the database of `store` without a spool, so an
+    /// append fails while the database is unreachable.
+    pub fn open_postgres_unspooled(store: &PostgresStore) -> Self {
+        Self::with_backend(Backend::Postgres(PostgresTrail::new(store.clone())))
+    }
+
     /// Forwards spooled events to the chain in the database until
     /// `stopping` turns true. Returns at once for a trail without a spool.
     pub async fn forward_spool(&self, stopping: tokio::sync::watch::Receiver<bool>) {

@@ -107,19 +107,28 @@ pub struct ClaimRequest<'a> {
 }
 
 impl PostgresStore {
+    /// Starts a transaction that locks a token row. A row another session
+    /// keeps locked fails it after a second, and the caller falls back,
+    /// rather than holding a pooled connection that later calls would
+    /// queue behind.
+    async fn row_transaction<'a>(
+        &self,
+        client: &'a mut deadpool_postgres::Object,
+    ) -> Result<deadpool_postgres::Transaction<'a>, StoreError> {
+        let transaction = client.transaction().await.map_err(|e| self.error(e))?;
+        transaction
+            .batch_execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '2s'")
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(transaction)
+    }
+
     /// Decides, under the row's lock, whether the caller uses the stored
     /// token, refreshes it under a new lease, or waits.
     pub async fn claim_token(&self, request: &ClaimRequest<'_>) -> Result<Claim, StoreError> {
         let version = i32::try_from(request.version).unwrap_or(i32::MAX);
         let mut client = self.client().await?;
-        let transaction = client.transaction().await.map_err(|e| self.error(e))?;
-        // A row another session keeps locked fails the claim after a
-        // second, which then falls back, rather than holding a pooled
-        // connection that later calls would queue behind.
-        transaction
-            .batch_execute("SET LOCAL lock_timeout = '1s'; SET LOCAL statement_timeout = '2s'")
-            .await
-            .map_err(|e| self.error(e))?;
+        let transaction = self.row_transaction(&mut client).await?;
         let select = transaction
             .prepare_cached(
                 "SELECT version, token, token_type, \
@@ -158,7 +167,11 @@ impl PostgresStore {
         let current = stored_version == version;
         // Versions do not only grow: a rollback makes an older one current
         // again. The connection's record names the current one.
-        if !current && !self.is_current_version(&transaction, request).await? {
+        if !current
+            && !self
+                .is_current_version(&transaction, request.connection_id, request.version)
+                .await?
+        {
             return Ok(Claim::Stale);
         }
         if current {
@@ -267,21 +280,22 @@ impl PostgresStore {
     async fn is_current_version(
         &self,
         client: &impl deadpool_postgres::GenericClient,
-        request: &ClaimRequest<'_>,
+        connection_id: &str,
+        version: u32,
     ) -> Result<bool, StoreError> {
         let row = client
             .query_opt(
                 "SELECT record FROM stvault_connections WHERE id = $1",
-                &[&request.connection_id],
+                &[&connection_id],
             )
             .await
             .map_err(|e| self.error(e))?;
         let Some(row) = row else {
-            return Err(StoreError::NotFound(request.connection_id.to_owned()));
+            return Err(StoreError::NotFound(connection_id.to_owned()));
         };
         let bytes: Vec<u8> = row.get(0);
-        let record: ConnectionRecord = decode(request.connection_id, &bytes)?;
-        Ok(record.current().version == request.version)
+        let record: ConnectionRecord = decode(connection_id, &bytes)?;
+        Ok(record.current().version == version)
     }
 
     /// Stores a token requested under `lease`, sealed with `binding` as
@@ -329,21 +343,66 @@ impl PostgresStore {
         version: u32,
         pause: Duration,
     ) -> Result<(), StoreError> {
-        let version = i32::try_from(version).unwrap_or(i32::MAX);
-        let client = self.client().await?;
-        // GREATEST ignores a NULL, so a row without a pause takes this one.
-        client
-            .execute(
-                "INSERT INTO stvault_tokens (connection_id, version, retry_at) \
-                 VALUES ($1, $2, now() + $3::float8 * interval '1 second') \
-                 ON CONFLICT (connection_id) DO UPDATE \
-                 SET retry_at = GREATEST(stvault_tokens.retry_at, EXCLUDED.retry_at) \
-                 WHERE stvault_tokens.version = $2",
-                &[&connection_id, &version, &pause.as_secs_f64()],
+        let stored_version = i32::try_from(version).unwrap_or(i32::MAX);
+        let mut client = self.client().await?;
+        let transaction = self.row_transaction(&mut client).await?;
+        let row = transaction
+            .query_opt(
+                "SELECT version FROM stvault_tokens WHERE connection_id = $1 FOR UPDATE",
+                &[&connection_id],
             )
             .await
             .map_err(|e| self.error(e))?;
-        Ok(())
+        let seconds = pause.as_secs_f64();
+        match row.map(|row| row.get::<_, i32>(0)) {
+            // GREATEST ignores a NULL, so a row without a pause takes this
+            // one, and a longer pause stays.
+            Some(stored) if stored == stored_version => {
+                transaction
+                    .execute(
+                        "UPDATE stvault_tokens SET retry_at = GREATEST(retry_at, \
+                         now() + $2::float8 * interval '1 second') WHERE connection_id = $1",
+                        &[&connection_id, &seconds],
+                    )
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            // The row holds other credentials' token. If these are the
+            // current ones, the row is reset to them as a claim resets it:
+            // the old token goes, and the new sequence fences out a lease
+            // on the old credentials.
+            Some(_) => {
+                if !self
+                    .is_current_version(&transaction, connection_id, version)
+                    .await?
+                {
+                    return Ok(());
+                }
+                transaction
+                    .execute(
+                        "UPDATE stvault_tokens SET version = $2, token = NULL, \
+                         token_type = NULL, expires_at_ms = NULL, lifetime_ms = NULL, \
+                         lease_owner = NULL, lease_until = NULL, lease_seq = lease_seq + 1, \
+                         retry_at = now() + $3::float8 * interval '1 second' \
+                         WHERE connection_id = $1",
+                        &[&connection_id, &stored_version, &seconds],
+                    )
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            None => {
+                transaction
+                    .execute(
+                        "INSERT INTO stvault_tokens (connection_id, version, retry_at) \
+                         VALUES ($1, $2, now() + $3::float8 * interval '1 second') \
+                         ON CONFLICT (connection_id) DO NOTHING",
+                        &[&connection_id, &stored_version, &seconds],
+                    )
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+        }
+        transaction.commit().await.map_err(|e| self.error(e))
     }
 
     /// Returns how long token requests for credential `version` of a
@@ -369,7 +428,8 @@ impl PostgresStore {
     }
 
     /// Ends `lease` without a token, after a failed request. With `pause`,
-    /// every replica waits that long before the next request.
+    /// every replica waits at least that long before the next request; a
+    /// longer pause already stored, as by a verification, stays.
     pub async fn release_token_lease(
         &self,
         lease: &Lease,
@@ -381,7 +441,7 @@ impl PostgresStore {
             .execute(
                 "UPDATE stvault_tokens SET lease_owner = NULL, lease_until = NULL, \
                  retry_at = CASE WHEN $3::float8 IS NULL THEN retry_at \
-                 ELSE now() + $3::float8 * interval '1 second' END \
+                 ELSE GREATEST(retry_at, now() + $3::float8 * interval '1 second') END \
                  WHERE connection_id = $1 AND lease_seq = $2",
                 &[&lease.connection_id, &lease.sequence, &pause_secs],
             )

@@ -358,8 +358,8 @@ impl Broker {
         self.settings.failure_cooldown
     }
 
-    /// Returns how much longer a connection's last failed token request is
-    /// answered from memory, if it is.
+    /// Returns how long calls still get a connection's last failed token
+    /// request's error from memory, if they do.
     pub fn failure_cooldown_left(&self, connection_id: &str) -> Option<Duration> {
         let slot = self.slot(connection_id).ok()?;
         let state = slot.state.lock().expect("slot lock is never poisoned");

@@ -105,9 +105,10 @@ pub enum TokenError {
     /// A response that is not a usable token response.
     #[error("ServiceTitan returned an invalid token response: {0}")]
     InvalidResponse(String),
-    /// A token whose `tenant` claim does not name the connection's tenant:
-    /// with `single`, it names another one, so the stored credentials are
-    /// another tenant's; without, it names several or none that reads.
+    /// A token whose `tenant` claim does not name the connection's tenant.
+    /// With `single` set, the claim names one other tenant, so the stored
+    /// credentials are that tenant's. Otherwise it names several tenants,
+    /// or none that can be read.
     #[error("{}", other_tenant_text(*expected, claimed, *single))]
     OtherTenant {
         expected: i64,
@@ -204,7 +205,7 @@ impl TokenClaims {
         Some(claim.parse::<i64>() == Ok(tenant_id))
     }
 
-    /// Whether the `tenant` claim reads as exactly one tenant id.
+    /// Returns whether the `tenant` claim reads as exactly one tenant id.
     pub fn names_one_tenant(&self) -> bool {
         self.tenant
             .as_ref()

@@ -556,8 +556,8 @@ async fn probe_checks(
             Some(ProbeOutcome::Unexpected(status)) => {
                 format!("ServiceTitan's API answered the verification calls with HTTP {status}")
             }
-            // Every call was answered, with 404: the API URL is not
-            // ServiceTitan's, or misses a path a proxy needs.
+            // Every call got 404: the API URL is not ServiceTitan's, or
+            // lacks a path that a proxy needs.
             _ if outcomes.iter().all(|o| *o == ProbeOutcome::NotFound) => {
                 let setting = match credentials.environment {
                     Environment::Production => "STVAULT_PRODUCTION_API_URL",

@@ -26,7 +26,7 @@ pub struct Subject {
     pub credential_version: Option<u32>,
 }
 
-/// Where the `record_*` functions of one call store what they learn.
+/// The store of what the `record_*` functions learn during one call.
 struct Recording {
     subject: Arc<Mutex<Subject>>,
     /// Whether ids are also recorded in the call's span as they become

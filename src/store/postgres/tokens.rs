@@ -367,7 +367,7 @@ impl PostgresStore {
                     .await
                     .map_err(|e| self.error(e))?;
             }
-            // The row holds other credentials' token. If these are the
+            // The row belongs to other credentials. If these are the
             // current ones, the row is reset to them as a claim resets it:
             // the old token goes, and the new sequence fences out a lease
             // on the old credentials.

@@ -225,18 +225,34 @@ impl Config {
         .map_err(|e| errors.push(e))
         .ok();
 
-        let mut url =
-            |setting: &str, value: &str| match servicetitan::parse_endpoint(setting, value) {
-                Ok(url) => Some(url),
-                Err(message) => {
-                    errors.push(message);
-                    None
-                }
-            };
-        let production_token = url("STVAULT_PRODUCTION_TOKEN_URL", &args.production_token_url);
-        let production_api = url("STVAULT_PRODUCTION_API_URL", &args.production_api_url);
-        let integration_token = url("STVAULT_INTEGRATION_TOKEN_URL", &args.integration_token_url);
-        let integration_api = url("STVAULT_INTEGRATION_API_URL", &args.integration_api_url);
+        type Parse = fn(&str, &str) -> Result<url::Url, String>;
+        let mut url = |parse: Parse, setting: &str, value: &str| match parse(setting, value) {
+            Ok(url) => Some(url),
+            Err(message) => {
+                errors.push(message);
+                None
+            }
+        };
+        let (token, api): (Parse, Parse) = (
+            servicetitan::parse_endpoint,
+            servicetitan::parse_api_endpoint,
+        );
+        let production_token = url(
+            token,
+            "STVAULT_PRODUCTION_TOKEN_URL",
+            &args.production_token_url,
+        );
+        let production_api = url(api, "STVAULT_PRODUCTION_API_URL", &args.production_api_url);
+        let integration_token = url(
+            token,
+            "STVAULT_INTEGRATION_TOKEN_URL",
+            &args.integration_token_url,
+        );
+        let integration_api = url(
+            api,
+            "STVAULT_INTEGRATION_API_URL",
+            &args.integration_api_url,
+        );
 
         let mut duration = |setting: &str, value: &str| match parse_duration(value) {
             Ok(d) => Some(d),

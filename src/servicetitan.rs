@@ -57,13 +57,6 @@ pub fn parse_endpoint(setting: &str, value: &str) -> Result<Url, String> {
             "{setting} must not contain a user name or password; remove the part before '@'"
         ));
     }
-    // The API URL is the base callers append paths to, and ServiceTitan's
-    // endpoints take no query of their own.
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "{setting} must not contain a query or fragment; remove the part from '?' or '#'"
-        ));
-    }
     match url.scheme() {
         "https" => Ok(url),
         "http" if is_loopback_host(&url) => Ok(url),
@@ -74,6 +67,18 @@ pub fn parse_endpoint(setting: &str, value: &str) -> Result<Url, String> {
             "{setting} has unsupported scheme {other:?}; use https"
         )),
     }
+}
+
+/// Parses an API base URL, as `parse_endpoint` does. Callers append paths
+/// to it, so it may have a path, but no query or fragment.
+pub fn parse_api_endpoint(setting: &str, value: &str) -> Result<Url, String> {
+    let url = parse_endpoint(setting, value)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{setting} must not contain a query or fragment; remove the part from '?' or '#'"
+        ));
+    }
+    Ok(url)
 }
 
 fn is_loopback_host(url: &Url) -> bool {
@@ -628,9 +633,11 @@ mod tests {
         assert!(parse_endpoint("X", "http://auth.servicetitan.io/connect/token").is_err());
         assert!(parse_endpoint("X", "ftp://127.0.0.1/").is_err());
         assert!(parse_endpoint("X", "not a url").is_err());
-        assert!(parse_endpoint("X", "https://proxy.internal/servicetitan").is_ok());
-        assert!(parse_endpoint("X", "https://api.servicetitan.io/?v=2").is_err());
-        assert!(parse_endpoint("X", "https://api.servicetitan.io/#top").is_err());
+        assert!(parse_api_endpoint("X", "https://proxy.internal/servicetitan").is_ok());
+        assert!(parse_api_endpoint("X", "https://api.servicetitan.io/?v=2").is_err());
+        assert!(parse_api_endpoint("X", "https://api.servicetitan.io/#top").is_err());
+        assert!(parse_api_endpoint("X", "http://auth.servicetitan.io/").is_err());
+        assert!(parse_endpoint("X", "https://proxy.internal/connect/token?route=st").is_ok());
     }
 
     #[test]

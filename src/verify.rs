@@ -469,15 +469,21 @@ fn tenant_check(credentials: &Credentials, token: &IssuedToken, report: &mut Rep
             format!("the token was issued for tenant {expected}"),
             "",
         ),
-        Some(false) => report.fail(
-            "tenant",
-            Failure::Setup,
-            format!(
-                "the token was issued for tenant {}, but the connection is registered for tenant {expected}",
-                token.claims.shown_tenant()
-            ),
-            REMEDIATE_TENANT_ID,
-        ),
+        Some(false) => {
+            let claimed = token.claims.shown_tenant();
+            let message = if token.claims.names_one_tenant() {
+                format!(
+                    "the token was issued for tenant {claimed}, but the connection is \
+                     registered for tenant {expected}"
+                )
+            } else {
+                format!(
+                    "the token's tenant claim ({claimed}) does not name one tenant; the \
+                     connection is registered for tenant {expected}"
+                )
+            };
+            report.fail("tenant", Failure::Setup, message, REMEDIATE_TENANT_ID);
+        }
     }
 }
 

@@ -977,11 +977,14 @@ fn settings_for(url: String) -> DatabaseSettings {
 async fn shared_pause_is_only_lengthened() {
     let cluster = Postgres::start();
     let url = cluster.create_database("vault").await;
-    let settings = settings_for(url);
+    let settings = settings_for(url.clone());
     let store = Store::connect_postgres(&settings).await.expect("connect");
     let (master_key, _) = MasterKey::generate();
-    let connection = record(&master_key, 1, TENANT);
-    store.insert_batch(&[connection]).await.expect("insert");
+    let connections = [
+        record(&master_key, 1, TENANT),
+        record(&master_key, 2, TENANT + 1),
+    ];
+    store.insert_batch(&connections).await.expect("insert");
     let postgres = store.postgres().expect("a PostgreSQL store");
     let request = ClaimRequest {
         connection_id: "conn-00001",
@@ -1021,6 +1024,31 @@ async fn shared_pause_is_only_lengthened() {
         postgres.token_pause_left("conn-00001", 2).await.unwrap(),
         None
     );
+
+    // A row that a first claim inserts while the pause is stored, in a
+    // transaction not yet committed, takes the pause too.
+    let mut other = connect(&url).await;
+    let claiming = other.transaction().await.unwrap();
+    claiming
+        .execute(
+            "INSERT INTO stvault_tokens (connection_id, version) VALUES ('conn-00002', 1)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let pausing = tokio::spawn({
+        let postgres = postgres.clone();
+        async move {
+            postgres
+                .pause_token_requests("conn-00002", 1, Duration::from_secs(60))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    claiming.commit().await.unwrap();
+    pausing.await.unwrap().expect("store a pause");
+    let left = postgres.token_pause_left("conn-00002", 1).await.unwrap();
+    assert!(left > Some(Duration::from_secs(50)), "{left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

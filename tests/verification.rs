@@ -31,6 +31,7 @@ backend_tests!(
     disabled_app_fails_app_key_check,
     unconnected_app_fails_tenant_access,
     tenant_mismatch_fails_tenant_check,
+    claim_of_several_tenants_is_named,
     each_missing_scope_group_warns,
     missing_required_group_fails,
     token_timeout_is_upstream_trouble,
@@ -119,6 +120,20 @@ async fn verify_unverified(
         .await
         .expect("VerifyConnection returns a report even when checks fail")
         .into_inner()
+}
+
+/// Asks for a token for the test's tenant by environment and tenant id.
+async fn token_of_tenant(server: &Server) -> Result<pb::AccessToken, tonic::Status> {
+    server
+        .client()
+        .await
+        .get_access_token(pb::GetAccessTokenRequest {
+            environment: pb::Environment::Integration as i32,
+            tenant_id: TENANT,
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 fn check<'a>(report: &'a pb::VerificationReport, name: &str) -> &'a pb::VerificationCheck {
@@ -338,6 +353,31 @@ async fn tenant_mismatch_fails_tenant_check(backend: Backend) {
     assert_rest_skipped(&report, "tenant");
 }
 
+/// A token whose tenant claim lists several tenants, the connection's
+/// among them, names no single tenant, for verification and for token
+/// calls alike.
+async fn claim_of_several_tenants_is_named(backend: Backend) {
+    let (fake, server) = start(backend, app(), &[]).await;
+    fake.set_tenant_claim(Some(serde_json::json!(["8450", "1001"])));
+    let report = verify_unverified(&server, register_request()).await;
+    assert_fails_at(
+        &report,
+        "tenant",
+        Outcome::SetupProblem,
+        &["Tenant ID", "App Connections"],
+    );
+    let message = &check(&report, "tenant").message;
+    assert!(message.contains("does not name one tenant"), "{message}");
+    assert!(!message.contains("issued for tenant"), "{message}");
+
+    let status = token_of_tenant(&server).await.expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("does not name one tenant"),
+        "{status:?}"
+    );
+}
+
 async fn each_missing_scope_group_warns(backend: Backend) {
     let fake = FakeServiceTitan::start().await;
     for (index, (_, _, scope)) in GROUPS.iter().enumerate() {
@@ -474,17 +514,7 @@ async fn api_url_path_is_kept(backend: Backend) {
     .await;
     let report = verify_unverified(&server, register_request()).await;
     assert!(report.ok, "{report:#?}");
-    let token = server
-        .client()
-        .await
-        .get_access_token(pb::GetAccessTokenRequest {
-            environment: pb::Environment::Integration as i32,
-            tenant_id: TENANT,
-            ..Default::default()
-        })
-        .await
-        .expect("a token")
-        .into_inner();
+    let token = token_of_tenant(&server).await.expect("a token");
     assert_eq!(token.api_base_url, behind_proxy);
 
     let direct = Server::start_on(backend, &fake, &fake, &[]).await;

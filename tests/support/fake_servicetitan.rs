@@ -183,6 +183,9 @@ struct FakeState {
     last_token_form: Option<Vec<(String, String)>>,
     /// Path the API is served under, as behind a proxy; empty by default.
     api_prefix: String,
+    /// `tenant` claim of later tokens in place of the tenant's id, such as
+    /// a list of several.
+    tenant_claim: Option<Value>,
 }
 
 /// What the fake remembers about an access token to validate API calls.
@@ -321,6 +324,12 @@ impl FakeServiceTitan {
         self.shared.lock_state().api_fault = fault;
     }
 
+    /// Puts `claim` in the `tenant` claim of later tokens instead of the
+    /// tenant's id; `None` restores it.
+    pub fn set_tenant_claim(&self, claim: Option<Value>) {
+        self.shared.lock_state().tenant_claim = claim;
+    }
+
     /// Serves the API endpoints under `prefix` only, such as `/gateway`, as
     /// a proxy in front of ServiceTitan would; other paths get 404.
     pub fn set_api_prefix(&self, prefix: &str) {
@@ -384,6 +393,7 @@ impl FakeState {
             expires_in_override: None,
             last_token_form: None,
             api_prefix: String::new(),
+            tenant_claim: None,
         }
     }
 }
@@ -526,7 +536,11 @@ impl FakeState {
         let scopes = granted_scopes(app, form_field(form, "scope"))?;
 
         let lifetime = self.token_lifetime_secs;
-        let access_token = mint_jwt(issuer, client_id, tenant, &scopes, lifetime);
+        let claim = self
+            .tenant_claim
+            .clone()
+            .unwrap_or_else(|| json!(tenant.to_string()));
+        let access_token = mint_jwt(issuer, client_id, claim, &scopes, lifetime);
         let scope_text = scopes.join(" ");
         self.remember_token(&access_token, client_id, tenant, scopes, lifetime);
 
@@ -610,7 +624,7 @@ fn granted_scopes(app: &FakeApp, requested: Option<&str>) -> Result<Vec<String>,
 fn mint_jwt(
     issuer: &str,
     client_id: &str,
-    tenant: i64,
+    tenant: Value,
     scopes: &[String],
     lifetime: i64,
 ) -> String {
@@ -623,7 +637,7 @@ fn mint_jwt(
         "iss": issuer,
         "jti": uuid::Uuid::new_v4().to_string(),
         "client_id": client_id,
-        "tenant": tenant.to_string(),
+        "tenant": tenant,
         "scope": scopes,
     });
     let mut signature = [0u8; 256];

@@ -390,12 +390,17 @@ impl PostgresStore {
                     .await
                     .map_err(|e| self.error(e))?;
             }
+            // No row yet. One that another session inserts meanwhile, as a
+            // first claim does, is not visible to the lock above: the insert
+            // waits for it and then updates it, if its version matches.
             None => {
                 transaction
                     .execute(
                         "INSERT INTO stvault_tokens (connection_id, version, retry_at) \
                          VALUES ($1, $2, now() + $3::float8 * interval '1 second') \
-                         ON CONFLICT (connection_id) DO NOTHING",
+                         ON CONFLICT (connection_id) DO UPDATE \
+                         SET retry_at = GREATEST(stvault_tokens.retry_at, EXCLUDED.retry_at) \
+                         WHERE stvault_tokens.version = $2",
                         &[&connection_id, &stored_version, &seconds],
                     )
                     .await

@@ -352,12 +352,6 @@ impl Broker {
         &self.client
     }
 
-    /// Returns how long a failed token request's error is returned from
-    /// memory.
-    pub fn failure_cooldown(&self) -> Duration {
-        self.settings.failure_cooldown
-    }
-
     /// Returns how long calls still get a connection's last failed token
     /// request's error from memory, if they do.
     pub fn failure_cooldown_left(&self, connection_id: &str) -> Option<Duration> {

@@ -498,10 +498,14 @@ impl CredentialVault for VaultService {
                 Ok(Ok(issued)) => issued,
                 Ok(Err(error)) => {
                     self.record_cached_ids(&id);
-                    let broker = self.vault.broker();
-                    let cooldown = broker
+                    // No cooldown left means it ended since the error was
+                    // read, or new credentials replaced the entry: the next
+                    // call asks ServiceTitan again.
+                    let cooldown = self
+                        .vault
+                        .broker()
                         .failure_cooldown_left(&id)
-                        .unwrap_or_else(|| broker.failure_cooldown());
+                        .unwrap_or_default();
                     return Err(status::access_token_status(error, cooldown));
                 }
                 // A token that has not expired is more use to the caller

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use stvault::pb;
 use support::backend::Backend;
 use support::callers::{Key, write_policy};
-use support::fake_servicetitan::{FakeApp, FakeServiceTitan};
+use support::fake_servicetitan::{FakeApp, FakeServiceTitan, Fault};
 use support::server::{Server, grpcurl, json, request_id, run_command};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
@@ -670,7 +670,10 @@ async fn token_holders_of_a_credential_version(backend: Backend) {
         backend,
         &fake,
         &fake,
-        &[("STVAULT_POLICY_FILE", policy.to_str().unwrap())],
+        &[
+            ("STVAULT_POLICY_FILE", policy.to_str().unwrap()),
+            ("STVAULT_TOKEN_FAILURE_COOLDOWN", "100ms"),
+        ],
     )
     .await;
     let mut client = server.client().await;
@@ -696,12 +699,37 @@ async fn token_holders_of_a_credential_version(backend: Backend) {
         }))
         .await
         .unwrap();
+    // A call that got no token from version 2 is recorded with it, but
+    // held nothing.
+    fake.set_token_fault(Fault::Status(503));
+    let failed = client
+        .get_access_token(reports.request(by_tenant(TENANT_A)))
+        .await
+        .unwrap_err();
+    assert_eq!(failed.code(), Code::Unavailable, "{failed:?}");
+    fake.set_token_fault(Fault::None);
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let token = client
         .get_access_token(billing.request(by_tenant(TENANT_A)))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(token.credential_version, 2);
+    let events = client
+        .list_audit_events(operator.request(pb::ListAuditEventsRequest {
+            rpc: "GetAccessToken".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let failed_event = events
+        .iter()
+        .find(|event| event.code == "UNAVAILABLE")
+        .expect("the failed call's event");
+    assert_eq!(failed_event.credential_version, 2);
+    assert_eq!(failed_event.caller, "reports");
 
     // The README query, as printed there.
     let script =

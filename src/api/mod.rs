@@ -660,14 +660,15 @@ impl CredentialVault for VaultService {
 }
 
 impl VaultService {
-    /// Records the environment and tenant of a connection whose token call
-    /// failed, for its audit event and log line. A caller limited to some
-    /// tenants has them recorded already; for the others the broker's entry,
-    /// installed before the token was asked for, names them.
+    /// Records the environment, tenant and credential version of a
+    /// connection whose token call failed, for its audit event and log
+    /// line. The broker's entry, installed before the token was asked for,
+    /// names them.
     fn record_cached_ids(&self, id: &str) {
         if let Ok(slot) = self.vault.cached_slot(id) {
             let credentials = &slot.credentials;
             context::record_ids(id, credentials.environment, credentials.tenant_id);
+            record_credential_version(credentials.version);
         }
     }
 

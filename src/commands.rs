@@ -189,7 +189,8 @@ async fn record_command(dir: &Path, store: &Store, command: &str) -> Result<(), 
         None => crate::open_audit_trail(dir, audit::SyncPolicy::Always, store)
             .map_err(|e| e.to_string())?,
     };
-    // SAFETY: getuid has no preconditions and cannot fail.
+    // SAFETY: getuid takes no arguments, and POSIX specifies that it
+    // always succeeds.
     let uid = unsafe { libc::getuid() };
     let event = audit::EventDraft {
         request_id: uuid::Uuid::now_v7().to_string(),

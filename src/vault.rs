@@ -589,13 +589,13 @@ impl Vault {
         match tokio::time::timeout(SHARED_PAUSE_TIMEOUT, read).await {
             Ok(Ok(left)) => left,
             Ok(Err(error)) => {
-                tracing::warn!(connection.id = %id, %error, "cannot read the shared rate limit pause");
+                tracing::warn!(connection.id = %id, %error, "failed to read the shared rate limit pause");
                 None
             }
             Err(_) => {
                 tracing::warn!(
                     connection.id = %id,
-                    "the database did not say in time whether token requests are paused"
+                    "timed out reading the shared rate limit pause"
                 );
                 None
             }
@@ -611,12 +611,12 @@ impl Vault {
         let error = match tokio::time::timeout(SHARED_PAUSE_TIMEOUT, stored).await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => error.to_string(),
-            Err(_) => "the database did not answer in time".to_owned(),
+            Err(_) => "timed out".to_owned(),
         };
         tracing::warn!(
             connection.id = %id,
             %error,
-            "cannot share a rate limit pause with other replicas"
+            "failed to share a rate limit pause with other replicas"
         );
     }
 

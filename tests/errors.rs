@@ -27,9 +27,9 @@ backend_tests!(
     rate_limiting_is_resource_exhausted,
     upstream_failures_are_unavailable_and_not_cached,
     hanging_upstream_is_bounded,
-    failed_token_calls_are_logged_with_their_ids,
-    retry_info_counts_down_the_cooldown,
-    span_filter_logs_served_tokens,
+    failed_token_call_logging,
+    retry_delay_counts_down,
+    span_filter_logs_served_token,
 );
 
 async fn fake_with_app() -> FakeServiceTitan {
@@ -530,11 +530,10 @@ async fn upstream_failures_are_unavailable_and_not_cached(backend: Backend) {
     assert!(!logs.contains("<html"), "an upstream body reached the log");
 }
 
-/// At the default level a successful GetAccessToken logs nothing, and its
-/// span is only built for a line that is written; a failed one logs one line
-/// with the same fields as any other call, each once, and its audit event
-/// names the connection's tenant.
-async fn failed_token_calls_are_logged_with_their_ids(backend: Backend) {
+/// Checks the log lines and audit event of token calls. At the default
+/// level, a served token writes no line. A failed call writes one line with
+/// every field of the call, each once, and its audit event names the tenant.
+async fn failed_token_call_logging(backend: Backend) {
     let (fake, server, mut client, id) = registered_unverified(backend).await;
     fake.set_token_fault(Fault::Status(503));
     let failed = client.get_access_token(by_id(&id)).await;
@@ -589,9 +588,9 @@ async fn failed_token_calls_are_logged_with_their_ids(backend: Backend) {
     assert_eq!(failed.code, "UNAVAILABLE");
 }
 
-/// A repeated call within the failure cooldown gets the same error from
-/// memory, with the time that is left of the cooldown as its retry delay.
-async fn retry_info_counts_down_the_cooldown(backend: Backend) {
+/// Checks that a repeated call within the failure cooldown gets the stored
+/// error, with the remaining cooldown as its retry delay.
+async fn retry_delay_counts_down(backend: Backend) {
     let fake = fake_with_app().await;
     let server = Server::start_on(
         backend,
@@ -621,9 +620,9 @@ async fn retry_info_counts_down_the_cooldown(backend: Backend) {
     assert_eq!(fake.token_requests(), 1);
 }
 
-/// A filter on the call's span turns on the debug line of a served token,
-/// with every field of the call.
-async fn span_filter_logs_served_tokens(backend: Backend) {
+/// Checks that a filter on the call's span enables the debug line of a
+/// served token, with every field of the call.
+async fn span_filter_logs_served_token(backend: Backend) {
     let fake = fake_with_app().await;
     let server = Server::start_on(backend, &fake, &fake, &[("RUST_LOG", "info,[rpc]=debug")]).await;
     let mut client = server.client().await;

@@ -255,10 +255,10 @@ async fn rate_limit_pause_reaches_every_replica() {
     assert_shared(&[&first, &second]);
 }
 
-/// An error logged while a token call runs carries the call's request id,
-/// although the call's other fields are only recorded if it fails.
+/// Checks that an error logged during a token call carries the call's
+/// request id, although its other fields are recorded only at the end.
 #[tokio::test(flavor = "multi_thread")]
-async fn lines_during_a_token_call_carry_its_request_id() {
+async fn token_call_error_has_request_id() {
     let cluster = Postgres::start();
     let fake = fake().await;
     let (first, _second, id) = replicas(&cluster, &fake, &[]).await;
@@ -321,7 +321,7 @@ async fn verification_rate_limit_reaches_every_replica() {
     let fake = fake().await;
     fake.update_app(CLIENT_ID, |app| app.client_secrets.push(SECRET_2.into()));
     let (first, second, id) = replicas(&cluster, &fake, &[]).await;
-    // The shared row holds version 1's token when version 2 meets the 429.
+    // The shared row contains version 1's token when version 2 gets the 429.
     token(&mut second.client().await, &id)
         .await
         .expect("a version 1 token");

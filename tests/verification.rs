@@ -31,7 +31,7 @@ backend_tests!(
     disabled_app_fails_app_key_check,
     unconnected_app_fails_tenant_access,
     tenant_mismatch_fails_tenant_check,
-    claim_of_several_tenants_is_named,
+    several_tenant_claim_named,
     each_missing_scope_group_warns,
     missing_required_group_fails,
     token_timeout_is_upstream_trouble,
@@ -353,10 +353,10 @@ async fn tenant_mismatch_fails_tenant_check(backend: Backend) {
     assert_rest_skipped(&report, "tenant");
 }
 
-/// A token whose tenant claim lists several tenants, the connection's
-/// among them, names no single tenant, for verification and for token
-/// calls alike.
-async fn claim_of_several_tenants_is_named(backend: Backend) {
+/// Checks that a tenant claim listing several tenants, the connection's
+/// among them, is reported as naming no single tenant by verification and
+/// by token calls.
+async fn several_tenant_claim_named(backend: Backend) {
     let (fake, server) = start(backend, app(), &[]).await;
     fake.set_tenant_claim(Some(serde_json::json!(["8450", "1001"])));
     let report = verify_unverified(&server, register_request()).await;
@@ -497,9 +497,9 @@ async fn api_timeout_is_upstream_trouble(backend: Backend) {
     );
 }
 
-/// An API URL with a path, as behind a proxy: verification calls go under
-/// it, and callers get the same URL. Without the path, every call meets 404,
-/// and the report names the setting.
+/// Checks that verification calls go under a path in the API URL, as
+/// behind a proxy, and that callers get the same URL. Without the path,
+/// every call gets 404 and the report names the setting.
 async fn api_url_path_is_kept(backend: Backend) {
     let fake = FakeServiceTitan::start().await;
     fake.add_app(app());

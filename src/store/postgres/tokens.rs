@@ -433,8 +433,8 @@ impl PostgresStore {
     }
 
     /// Ends `lease` without a token, after a failed request. With `pause`,
-    /// every replica waits at least that long before the next request; a
-    /// longer pause already stored, as by a verification, stays.
+    /// every replica waits at least that long before the next request. A
+    /// longer pause already stored, as by a verification, is kept.
     pub async fn release_token_lease(
         &self,
         lease: &Lease,
